@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny datasets on disk and the optional real data in ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PBEXPORT_SHARED_DATA", REPO.parent / "shared" / "data"))
+RESNET20 = SHARED_DATA / "resnet_cifar10" / "resnet20-12fca82f.th"
+
+
+def make_arrays(n_train: int = 48, n_test: int = 24, classes: int = 3, size: int = 32, channels: int = 3,
+                seed: int = 0) -> dict:
+    """Class k is a noisy image whose colour/brightness depends on k: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = np.arange(n) % classes
+        base = (labels[:, None, None, None] * (200 // max(classes - 1, 1))).astype(np.int64)
+        noise = rng.integers(0, 56, size=(n, size, size, channels))
+        out[f"{split}_images"] = np.clip(base + noise, 0, 255).astype(np.uint8)
+        out[f"{split}_labels"] = labels.astype(np.int16)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_npz(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, **make_arrays())
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet20_weights() -> Path:
+    if not RESNET20.exists():
+        pytest.skip(f"real weights not available ({RESNET20})")
+    return RESNET20
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not available ({SHARED_DATA})")
+    return SHARED_DATA

@@ -1,0 +1,136 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pbexport import PbexportError
+from pbexport.backbones import load_backbone
+from pbexport.runs import load_run
+from pbexport.train import TrainConfig, evaluate, train
+
+ARCHS = [
+    pytest.param("cifar_resnet20", id="cifar_resnet20"),
+    pytest.param("resnet18", id="resnet18"),
+    pytest.param("mobilenet_v3_small", id="mobilenet_v3_small"),
+    pytest.param("efficientnet_b0", id="efficientnet_b0"),
+    pytest.param("vgg11_bn", id="vgg11_bn", marks=pytest.mark.slow),
+    pytest.param("densenet121", id="densenet121", marks=pytest.mark.slow),
+    pytest.param("convnext_tiny", id="convnext_tiny", marks=pytest.mark.slow),
+    pytest.param("vit_b_16", id="vit_b_16", marks=pytest.mark.slow),
+]
+
+
+def _cfg(tiny_npz, **kw):
+    base = dict(backbone="cifar_resnet20", data=str(tiny_npz), task="tiny", epochs=1, batch_size=8,
+                max_train_samples=8, val_fraction=0.25, input_size=32)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("method", ["piggyback", "classifier", "finetune"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_step_and_eval_for_every_family(tmp_path, tiny_npz, arch, method):
+    metrics = train(_cfg(tiny_npz, backbone=arch, method=method), tmp_path / "run", progress=False)
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert (metrics["mask_density"] is not None) == (method == "piggyback")
+    run = load_run(tmp_path / "run")
+    assert run.model.method == method
+    reloaded = evaluate(run.model, __import__("pbexport.data", fromlist=["load_data"]).load_data(
+        str(tiny_npz)).test)
+    assert reloaded == metrics["test_accuracy"]
+
+
+def test_run_directory_contents(tmp_path, tiny_npz):
+    out = tmp_path / "run"
+    metrics = train(_cfg(tiny_npz, epochs=2, max_train_samples=None), out, progress=False)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "epoch-0001.json", "epoch-0001.safetensors", "epoch-0002.json", "epoch-0002.safetensors"]
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["test_accuracy"] == metrics["test_accuracy"]
+    assert [e["epoch"] for e in on_disk["epochs"]] == [1, 2]
+    assert all({"val_accuracy", "test_accuracy", "mask_density"} <= set(e) for e in on_disk["epochs"])
+    assert 0.0 < on_disk["mask_density"] <= 1.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["method"] == "piggyback" and config["config"]["train_bn"] is True
+    assert config["task"]["num_classes"] == 3
+    state = load_file(str(out / "model.safetensors"))
+    assert any(k.startswith("scores.") for k in state) and "linear.weight" in state
+    assert not any(k.startswith("layer1.0.conv1.weight") for k in state)  # backbone weights are not copied
+
+
+def test_best_epoch_is_chosen_on_validation(tmp_path, tiny_npz):
+    metrics = train(_cfg(tiny_npz, epochs=3, max_train_samples=None), tmp_path / "run", progress=False)
+    best = max(metrics["epochs"], key=lambda e: (e["val_accuracy"], -e["epoch"]))
+    assert metrics["best_epoch"] == best["epoch"]
+    assert metrics["test_accuracy"] == best["test_accuracy"]
+
+
+def test_resume_after_an_interrupted_epoch_reproduces_the_run(tmp_path, tiny_npz, monkeypatch):
+    cfg = _cfg(tiny_npz, epochs=3, max_train_samples=None, method="piggyback", train_bn=True)
+    full = train(cfg, tmp_path / "full", progress=False)
+
+    real_step = torch.optim.Adam.step
+    calls = {"n": 0}
+
+    def crashing_step(self, *a, **kw):  # dies in the middle of epoch 3 (4 steps per epoch)
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    resumed = train(cfg, tmp_path / "resumed", resume=True, progress=False)
+
+    def strip(m):
+        return {**m, "epochs": [{k: v for k, v in e.items() if k not in ("seconds", "images_per_second")}
+                                for e in m["epochs"]]}
+
+    assert strip(resumed) == strip(full)
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path, tiny_npz):
+    train(_cfg(tiny_npz), tmp_path / "run", progress=False)
+    with pytest.raises(PbexportError, match=r"--resume with different settings \(epochs\)"):
+        train(_cfg(tiny_npz, epochs=2), tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(PbexportError, match="not a pbexport run directory"):
+        train(_cfg(tiny_npz), tmp_path / "other", resume=True, progress=False)
+    with pytest.raises(PbexportError, match="already exists and is not empty"):
+        train(_cfg(tiny_npz), tmp_path / "run", progress=False)
+
+
+def test_finetune_run_serves_as_backbone_weights(tmp_path, tiny_npz):
+    train(_cfg(tiny_npz, method="finetune"), tmp_path / "ft", progress=False)
+    backbone = load_backbone("cifar_resnet20", tmp_path / "ft")
+    assert backbone.num_classes == 3
+    ft = load_run(tmp_path / "ft")
+    for key, value in ft.model.net.state_dict().items():
+        assert torch.equal(backbone.model.state_dict()[key], value)
+    train(_cfg(tiny_npz), tmp_path / "pb", progress=False)
+    with pytest.raises(PbexportError, match="only a finetune run can serve as --weights"):
+        load_backbone("cifar_resnet20", tmp_path / "pb")
+
+
+def test_classifier_baseline_trains_only_the_head(tmp_path, tiny_npz):
+    train(_cfg(tiny_npz, method="classifier"), tmp_path / "run", progress=False)
+    state = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert sorted(state) == ["linear.bias", "linear.weight"]
+
+
+def test_grayscale_npz_and_resizing(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "gray.npz"
+    np.savez(path, train_images=rng.integers(0, 255, (12, 28, 28, 1), dtype=np.uint8),
+             train_labels=np.arange(12) % 2, test_images=rng.integers(0, 255, (4, 28, 28), dtype=np.uint8),
+             test_labels=np.arange(4) % 2)
+    metrics = train(TrainConfig(backbone="cifar_resnet20", data=str(path), task="g", epochs=1, batch_size=4),
+                    tmp_path / "run", progress=False)
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
