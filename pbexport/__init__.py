@@ -18,6 +18,9 @@ _LAZY = {
     "load_run": "runs",
     "evaluate": "train",
     "load_data": "data",
+    "load_bundle": "bundle",
+    "pack_runs": "bundle",
+    "remove_task": "bundle",
 }
 
 __all__ = ["PbexportError", "__version__", *_LAZY]

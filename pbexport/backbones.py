@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,27 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import PbexportError
+from .spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec  # noqa: F401  (torch-free; re-exported here)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_INIT_SEED = 0
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """How images must look when they reach the model: RGB in [0, 1], then (x - mean) / std."""
-
-    size: int
-    channels: int = 3
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> InputSpec:
-        return cls(int(d["size"]), int(d["channels"]), tuple(d["mean"]), tuple(d["std"]))
 
 
 # --------------------------------------------------------------------------- CIFAR ResNets

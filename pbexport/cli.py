@@ -108,15 +108,15 @@ def train_cmd(out, resume, quiet, **options) -> None:
 @click.argument("run_dir", type=click.Path())
 @click.option("--data", required=True, help="Dataset whose test split is evaluated.")
 @click.option("--weights", type=click.Path(), default=None, help="Backbone weights, if they moved since training.")
+@click.option("--task", default=None, help="The task to evaluate when RUN_DIR is a bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handle_errors
-def eval_cmd(run_dir, data, weights, as_json) -> None:
-    """Test accuracy of a trained run on --data."""
+def eval_cmd(run_dir, data, weights, task, as_json) -> None:
+    """Test accuracy of a trained run (or of a bundle's --task) on --data."""
     from .data import load_data
-    from .runs import load_run
     from .train import evaluate
 
-    run = load_run(run_dir, weights)
+    run = _eval_target(run_dir, task, weights)
     task_data = load_data(data, run.backbone.spec.size)
     if task_data.num_classes != len(run.class_names):
         raise PbexportError(f"dataset has {task_data.num_classes} classes, the run's task has "
@@ -138,3 +138,113 @@ def demo_cmd(out, epochs) -> None:
     from .demo import run_demo
 
     run_demo(out, epochs=epochs)
+
+
+# --------------------------------------------------------------------------- bundles (pack, info, remove)
+def _eval_target(path, task, weights):
+    """What `eval` scores: a run directory, or a bundle's --task (same attributes as a TrainedRun)."""
+    from pathlib import Path
+
+    if not (Path(path) / "manifest.json").exists():
+        if task is not None:
+            raise PbexportError("--task applies to bundles; this is not one (no manifest.json)", str(path))
+        from .runs import load_run
+
+        return load_run(path, weights)
+    from types import SimpleNamespace
+
+    from .bundle import load_bundle
+
+    bundle = load_bundle(path)
+    if task is None:
+        raise PbexportError(f"choose the task to evaluate with --task (bundle has: {', '.join(bundle.tasks)})",
+                            str(path))
+    if weights is not None:
+        raise PbexportError("--weights applies to run directories; a bundle carries its backbone", str(path))
+    model = bundle.task_model(task)
+    return SimpleNamespace(task=task, class_names=bundle.task_info(task)["class_names"],
+                           backbone=bundle.backbone(), model=model)
+
+
+def _fmt_bits(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@cli.command("pack")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--out", "bundle", required=True, type=click.Path(),
+              help="Bundle directory: created, or extended with the runs' tasks.")
+@click.option("--name", default=None, help="Task name in the bundle (one run only; default: the run's task).")
+@click.option("--replace", is_flag=True, help="Overwrite tasks of the same name.")
+@click.option("--weights", type=click.Path(), default=None,
+              help="Backbone weights for a new bundle, if they moved since training.")
+@handle_errors
+def pack_cmd(run_dirs, bundle, name, replace, weights) -> None:
+    """Pack piggyback/classifier runs into BUNDLE: one shared backbone, a small file per task."""
+    from .bundle import bundle_info, load_bundle, pack_runs
+
+    names = pack_runs(run_dirs, bundle, replace=replace, name=name, weights=weights)
+    info = bundle_info(load_bundle(bundle))
+    for task in names:
+        t = info["tasks"][task]
+        what = t["method"] + (" + per-task BN" if t["train_bn"] else "")
+        masks = (f", masks {_fmt_bits(t['stored_bits_per_param'])} bits/param (entropy "
+                 f"{_fmt_bits(t['entropy_bits_per_param'])}, density {t['density']:.4f})") if t["layers"] else ""
+        click.echo(f"{task}: {what}, {t['num_classes']} classes, task file {t['size']:,} bytes{masks}")
+    click.echo(f"{bundle}: {len(info['tasks'])} tasks on {info['backbone']['name']} "
+               f"(backbone {info['backbone']['size']:,} bytes, stored once), {info['total_size']:,} bytes in all")
+
+
+@cli.command("info")
+@click.argument("bundle", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--plot", type=click.Path(), default=None, help="Draw per-layer mask density of every task to a PNG.")
+@handle_errors
+def info_cmd(bundle, as_json, plot) -> None:
+    """Backbone, tasks, classes, sizes; mask density, stored bits and entropy per task and layer."""
+    from .bundle import bundle_info, load_bundle, plot_densities
+    from .report import format_table
+
+    info = bundle_info(load_bundle(bundle))
+    if plot is not None:
+        plot_densities(info, plot)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    bb, spec = info["backbone"], info["backbone"]["input_spec"]
+    click.echo(f"bundle {info['path']}: format {info['format_version']}, {len(info['tasks'])} tasks, "
+               f"{info['total_size']:,} bytes")
+    click.echo(f"backbone {bb['name']}: input {spec['size']}x{spec['size']}x{spec['channels']}, fingerprint "
+               f"{bb['fingerprint'][:12]}, {bb['size']:,} bytes; {bb['masked_tensors']} masked tensors, "
+               f"{bb['masked_params']:,} masked parameters")
+    rows = [[name, t["method"], "yes" if t["train_bn"] else "no", t["num_classes"], t["size"], t["mask_bytes"],
+             t["param_bytes"], t["density"], t["stored_bits_per_param"], t["entropy_bits_per_param"],
+             t["metrics"].get("test_accuracy")] for name, t in info["tasks"].items()]
+    if rows:
+        click.echo("\n" + format_table(["task", "method", "task BN", "classes", "file bytes", "mask bytes",
+                                        "head+BN bytes", "density", "stored bits/param", "entropy bits/param",
+                                        "test acc"], rows))
+    for name, t in info["tasks"].items():
+        classes = ", ".join(t["class_names"][:12]) + (f", ... ({t['num_classes']} in all)"
+                                                      if t["num_classes"] > 12 else "")
+        click.echo(f"\n{name}: classes {classes}")
+        if t["layers"]:
+            click.echo(format_table(["layer", "params", "density", "codec", "stored bits/param",
+                                     "entropy bits/param"],
+                                    [[la["name"], la["params"], la["density"], la["codec"],
+                                      la["stored_bits_per_param"], la["entropy_bits_per_param"]]
+                                     for la in t["layers"]]))
+    if plot is not None:
+        click.echo(f"\nplot: {plot}")
+
+
+@cli.command("remove")
+@click.argument("bundle", type=click.Path())
+@click.option("--task", required=True, help="The task to remove.")
+@handle_errors
+def remove_cmd(bundle, task) -> None:
+    """Remove a task from BUNDLE (the backbone stays)."""
+    from .bundle import load_bundle, remove_task
+
+    remove_task(bundle, task)
+    click.echo(f"removed task {task!r} from {bundle} ({len(load_bundle(bundle).tasks)} tasks left)")

@@ -5,9 +5,9 @@ statistics (edges, blobs, colour, noise) but shift the domain (gratings, countin
 outlines on texture), so reusing frozen features helps yet a linear head alone falls short.
 
 Every image is a pure function of (task, split, seed, n, size): the random stream is a
-PCG64 seeded from crc32 of the task and split names, and the rendering uses only uniform
-draws and IEEE-exact arithmetic (+, -, *, /, sqrt, floor, min/max), never sin/exp/log, whose
-last bit varies by platform and could flip a rounded uint8.
+PCG64 seeded from crc32 of the task and split names, and rendering uses only uniform and
+integer draws and IEEE-exact arithmetic (+, -, *, /, sqrt, floor, min/max), never
+sin/exp/log, whose last bit varies by platform and could flip a rounded uint8.
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ BASE_TASK = "base"
 _CHUNK = 1024
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _SQRT3_2 = math.sqrt(3.0) / 2.0
+
+# Where the label depends on every part of the content (counts, digit segments), the content
+# stays this far (unit coords; 1/8 of the image) from the border, so a shifted-crop
+# augmentation with size/8 padding cannot push a blob or segment out and change the label.
+_SAFE = 0.75
 
 _F = np.float32
 _Grid = tuple[np.ndarray, np.ndarray, float]  # X (1,H,W), Y (1,H,W), pixel width; coords in [-1, 1]
@@ -133,7 +138,7 @@ _SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "ring": lambda u, v: np.abs(_disc(u, v, 0.7)) - _F(0.27),
     "square": lambda u, v: _box(u, v, 0.8, 0.8),
     "diamond": lambda u, v: (np.abs(u) + np.abs(v) - _F(1.05)) * _F(_INV_SQRT2),
-    "triangle": lambda u, v: _tri_up(u, v + _F(0.15), 0.58),
+    "triangle": lambda u, v: _tri_up(u, v - _F(0.29), 0.58),  # centroid moved down: bbox centred
     "star": lambda u, v: np.minimum(_tri_up(u, v, 0.5), _tri_up(u, -v, 0.5)),
     "cross": _cross,
     "x": lambda u, v: _cross((u + v) * _F(_INV_SQRT2), (v - u) * _F(_INV_SQRT2)),
@@ -182,7 +187,7 @@ def _segment_distance(grid: _Grid, ax, ay, bx, by) -> np.ndarray:
     X, Y, _ = grid
     ex, ey = _col(bx - ax), _col(by - ay)
     px_, py_ = X - _col(ax), Y - _col(ay)
-    h = np.clip((px_ * ex + py_ * ey) / (ex * ex + ey * ey), _F(0.0), _F(1.0))
+    h = np.clip((px_ * ex + py_ * ey) / (ex * ex + ey * ey + _F(1e-12)), _F(0.0), _F(1.0))
     qx, qy = px_ - h * ex, py_ - h * ey
     return np.sqrt(qx * qx + qy * qy)
 
@@ -236,7 +241,7 @@ def _render_stripes(labels, rng, grid):
     return _add_noise(rng, img, 0.12)
 
 
-_COUNT_GRID = 4  # blobs sit in distinct cells of a 4x4 grid, so they never overlap
+_COUNT_GRID = 4  # blobs sit in distinct cells of a 4x4 grid (inside _SAFE), so they never overlap
 _MAX_COUNT = 6
 
 
@@ -247,14 +252,14 @@ def _render_count(labels, rng, grid):
     ink, paper = _two_tones(rng, m)
     img = _gradient_background(rng, paper, grid)
     cells = np.argsort(rng.random((m, _COUNT_GRID * _COUNT_GRID)), axis=1)  # random distinct cells
-    half = 1.0 / _COUNT_GRID  # half a cell, in unit coords
+    half = _SAFE / _COUNT_GRID  # half a cell, in unit coords
     for slot in range(_MAX_COUNT):
-        r = _uniform(rng, 0.1, 0.15, m)
-        jitter = half - r - 0.03
+        r = _uniform(rng, 0.09, 0.13, m)
+        jitter = half - r - 0.02
         jx, jy = (2 * rng.random(m) - 1) * jitter, (2 * rng.random(m) - 1) * jitter
         cell = cells[:, slot]
-        cx = -1.0 + (2 * (cell % _COUNT_GRID) + 1) * half + jx
-        cy = -1.0 + (2 * (cell // _COUNT_GRID) + 1) * half + jy
+        cx = -_SAFE + (2 * (cell % _COUNT_GRID) + 1) * half + jx
+        cy = -_SAFE + (2 * (cell // _COUNT_GRID) + 1) * half + jy
         dx, dy = X - _col(cx), Y - _col(cy)
         alpha = _coverage(np.sqrt(dx * dx + dy * dy) - _col(r), px)
         alpha *= _col(slot <= labels)  # only the first label+1 slots are drawn
@@ -265,9 +270,13 @@ def _render_count(labels, rng, grid):
 # Seven-segment glyphs: segment -> (centre u, centre v, is_horizontal) in glyph units,
 # glyph half-width 0.5 and half-height 1.
 _SEGMENTS = {
-    "a": (0.0, -1.0, True), "g": (0.0, 0.0, True), "d": (0.0, 1.0, True),
-    "f": (-0.5, -0.5, False), "b": (0.5, -0.5, False),
-    "e": (-0.5, 0.5, False), "c": (0.5, 0.5, False),
+    "a": (0.0, -1.0, True),
+    "g": (0.0, 0.0, True),
+    "d": (0.0, 1.0, True),
+    "f": (-0.5, -0.5, False),
+    "b": (0.5, -0.5, False),
+    "e": (-0.5, 0.5, False),
+    "c": (0.5, 0.5, False),
 }
 _DIGITS = ("abcdef", "bc", "abged", "abgcd", "fgbc", "afgcd", "afgedc", "abc", "abcdefg", "abcdfg")
 _DIGIT_SEGMENTS = np.array([[seg in digit for seg in _SEGMENTS] for digit in _DIGITS])  # (10, 7) bool
@@ -277,11 +286,11 @@ def _render_glyphs(labels, rng, grid):
     """Grayscale seven-segment digits 0-9 with random offset, scale, slant and stroke."""
     m = len(labels)
     ink, paper = _two_tones(rng, m, channels=1)
-    r = _uniform(rng, 0.42, 0.6, m)
+    r = _uniform(rng, 0.36, 0.52, m)
     t = _uniform(rng, 0.13, 0.19, m)  # stroke half-thickness, glyph units
     slant = _uniform(rng, -0.2, 0.2, m)
-    room_x = 0.95 - r * (0.5 + t + np.abs(slant) * (1 + t))
-    room_y = 0.95 - r * (1 + t)
+    room_x = _SAFE - r * (0.5 + t + np.abs(slant) * (1 + t))
+    room_y = _SAFE - r * (1 + t)
     cx, cy = (2 * rng.random(m) - 1) * room_x, (2 * rng.random(m) - 1) * room_y
     u, v = _local_coords(grid, cx, cy, np.ones(m), np.zeros(m), r)
     u = u + _col(slant) * v  # italic shear
@@ -307,22 +316,41 @@ class _Task:
 
 
 _TASKS: dict[str, _Task] = {
-    BASE_TASK: _Task(_render_base, _SHAPE_NAMES,
-                     "10 filled shapes at random position/scale/colour on a shaded noisy coloured background",
-                     6000, 1000),
-    "stripes": _Task(_render_stripes,
-                     [f"{deg}deg-{w}" for deg in (0, 45, 90, 135) for w in ("wide", "fine")],
-                     "full-frame two-colour gratings; class = orientation (4) x stripe frequency (2)",
-                     3000, 1000),
-    "count": _Task(_render_count, [str(k) for k in range(1, _MAX_COUNT + 1)],
-                   "1-6 small non-overlapping blobs of one colour; class = number of blobs",
-                   3000, 1000),
-    "glyphs": _Task(_render_glyphs, [str(k) for k in range(10)],
-                    "grayscale seven-segment digits 0-9, random offset/scale/slant/stroke width",
-                    3000, 1000),
-    "outline": _Task(_render_outline, _SHAPE_NAMES,
-                     "the 10 base shapes as thin outlines over a random checkerboard with clutter lines",
-                     3000, 1000),
+    BASE_TASK: _Task(
+        _render_base,
+        _SHAPE_NAMES,
+        "10 filled shapes at random position/scale/colour on a shaded noisy coloured background",
+        6000,
+        1000,
+    ),
+    "stripes": _Task(
+        _render_stripes,
+        [f"{deg}deg-{w}" for deg in (0, 45, 90, 135) for w in ("wide", "fine")],
+        "full-frame two-colour gratings; class = orientation (4) x stripe frequency (2)",
+        3000,
+        1000,
+    ),
+    "count": _Task(
+        _render_count,
+        [str(k) for k in range(1, _MAX_COUNT + 1)],
+        "1-6 small non-overlapping blobs of one colour; class = number of blobs",
+        3000,
+        1000,
+    ),
+    "glyphs": _Task(
+        _render_glyphs,
+        [str(k) for k in range(10)],
+        "grayscale seven-segment digits 0-9, random offset/scale/slant/stroke width",
+        3000,
+        1000,
+    ),
+    "outline": _Task(
+        _render_outline,
+        _SHAPE_NAMES,
+        "the 10 base shapes as thin outlines over a random checkerboard with clutter lines",
+        3000,
+        1000,
+    ),
 }
 
 

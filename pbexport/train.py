@@ -95,7 +95,7 @@ def _subsample(data: ImageSet, n: int | None, seed: int) -> ImageSet:
     return data.subset(idx)
 
 
-def _make_optimizer(model: TaskModel, cfg: TrainConfig) -> torch.optim.Adam:
+def make_optimizer(model: TaskModel, cfg: TrainConfig) -> torch.optim.Adam:
     lrs = {"head": cfg.lr_head, "bn": cfg.lr_head, "mask": cfg.lr_mask, "backbone": cfg.lr_backbone}
     groups = [{"params": ps, "lr": lrs[name], "base_lr": lrs[name], "name": name}
               for name, ps in model.trainable_groups().items() if ps]
@@ -112,7 +112,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     train_set, val_set = split_validation(_subsample(data.train, cfg.max_train_samples, cfg.seed),
                                           cfg.val_fraction, cfg.seed)
     model = build_task_model(backbone, data.num_classes, cfg.method, cfg.train_bn, cfg.seed)
-    optimizer = _make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
 
