@@ -103,7 +103,7 @@ class EncodedMask:
     payload: bytes  # what is stored on disk
     shape: tuple[int, ...]
     ones: int  # number of True entries
-    sha256: str  # hex sha256 of the packed bits, checked after decoding
+    sha256: str  # hex sha256 of the packed bits (or its first >= 16 hex digits), checked after decoding
 
     @property
     def stored_bits(self) -> int:
@@ -125,8 +125,14 @@ def encode_mask(mask: np.ndarray) -> EncodedMask:
     return enc
 
 
+CHECKSUM_MIN_HEX = 16  # a stored checksum may be the sha256 cut to its first 16 (or more) hex digits
+
+
 def decode_mask(codec: str, payload: bytes, shape, sha256: str, ones: int | None = None) -> np.ndarray:
-    """Decode one stored mask to a bool array of `shape`, verifying length, checksum and ones count."""
+    """Decode one stored mask to a bool array of `shape`, verifying length, checksum and ones count.
+
+    ``sha256``: the hex sha256 of the packed bits, or its first CHECKSUM_MIN_HEX or more hex digits.
+    """
     dims = _shape_tuple(shape)
     n = math.prod(dims)
     if not isinstance(payload, (bytes, bytearray, memoryview)):
@@ -141,8 +147,9 @@ def decode_mask(codec: str, payload: bytes, shape, sha256: str, ones: int | None
     else:
         raise PbexportError(f"unknown mask codec {codec!r} (known: {', '.join(CODECS)})")
     mask = unpack_bits(np.frombuffer(packed, dtype=np.uint8), dims)
-    got = hashlib.sha256(packed).hexdigest()
-    if got != str(sha256).lower():
+    want = str(sha256).lower()
+    got = hashlib.sha256(packed).hexdigest()[: max(len(want), CHECKSUM_MIN_HEX)]
+    if got != want:
         raise PbexportError(f"mask checksum mismatch: decoded bits have sha256 {got}, expected {sha256}")
     if ones is not None and (got_ones := int(np.count_nonzero(mask))) != ones:
         raise PbexportError(f"mask has {got_ones} ones, expected {ones}")

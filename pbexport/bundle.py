@@ -2,7 +2,8 @@
 
     BUNDLE/manifest.json                      backbone identity, masked-tensor table, tasks (the commit point)
     BUNDLE/backbone.safetensors               the frozen backbone's state dict, written by the first pack only
-    BUNDLE/tasks/<task>.<sha12>.safetensors   per task: packed masks, head, per-task BN, classes, summary
+    BUNDLE/tasks/<task>.<sha12>.safetensors   per task: coded masks (by position in the manifest's
+                                              masked-tensor table), head, per-task BN, classes, summary
 
 A pack writes new task files under new names, then replaces manifest.json atomically, then deletes
 what the new manifest no longer lists: killed at any point, the bundle on disk is the old one or
@@ -22,32 +23,36 @@ import math
 import os
 import re
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__, stfile
-from .bitset import EncodedMask, decode_mask, encode_mask, mask_entropy_bits
+from .bitset import CODECS, EncodedMask, decode_mask, encode_mask, mask_entropy_bits
 from .errors import PbexportError
 from .fileio import atomic_write, fsync_dir
 from .spec import InputSpec
 
 BUNDLE_FORMAT = "pbexport-bundle"
 TASK_FORMAT = "pbexport-task"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # of the manifest and the task files (docs/FORMAT.md, section 6)
 MANIFEST = "manifest.json"
 BACKBONE_FILE = "backbone.safetensors"
 TASKS_DIR = "tasks"
 PACKABLE_METHODS = ("piggyback", "classifier")
-MASK_PREFIX = "mask/"    # task file tensor holding one mask's coded payload (U8, 1-D)
-PARAM_PREFIX = "param/"  # task file tensor holding a head or per-task BN tensor, by plain state-dict name
+MASKS_TENSOR = "masks"   # task file tensor (U8, 1-D): every mask's coded payload, in masked-table order
+BN_TENSOR = "bn"         # task file tensor (F32 [4, C]): the per-task BatchNorm modules, one row per BN_ROWS
+BN_ROWS = ("weight", "bias", "running_mean", "running_var")
+PARAM_PREFIX = "param/"  # task file tensor holding any other head or per-task tensor, by plain state-dict name
+CHECKSUM_HEX = 16        # a task file's checksums are sha256 digests cut to their first 16 hex digits
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 _TASK_FILE_RE = re.compile(r"(?P<task>[A-Za-z0-9][A-Za-z0-9._-]{0,63})\.(?P<hash>[0-9a-f]{12})\.safetensors\Z")
 _TEMP_RE = re.compile(r"\..+\.tmp\Z")  # fileio.atomic_write's temporary files
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+_CHECKSUM_RE = re.compile(rf"[0-9a-f]{{{CHECKSUM_HEX}}}\Z")
 
 
 # ----------------------------------------------------------------------------- names and checks
@@ -99,7 +104,7 @@ def _is_number(v) -> bool:
 
 # ----------------------------------------------------------------------------- manifest
 def validate_manifest(m) -> None:
-    """Raise PbexportError (no path) unless ``m`` is a well-formed version-1 manifest."""
+    """Raise PbexportError (no path) unless ``m`` is a well-formed manifest of FORMAT_VERSION."""
     if not isinstance(m, dict) or m.get("format") != BUNDLE_FORMAT:
         raise PbexportError("not a pbexport bundle manifest")
     version = m.get("format_version")
@@ -188,51 +193,145 @@ def _read_manifest(bundle: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- task files
+def _checksum(*chunks: bytes) -> str:
+    """A task file's checksum: the first CHECKSUM_HEX hex digits of the sha256 of ``chunks`` in order."""
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()[:CHECKSUM_HEX]
+
+
+def _table_rows(table) -> list[tuple[str, tuple[int, ...]]]:
+    """A masked-tensor table as [(name, shape)], from the manifest's [{name, shape}] or from pairs."""
+    pairs = [(e["name"], e["shape"]) if isinstance(e, dict) else (e[0], e[1]) for e in table]
+    return [(name, tuple(int(d) for d in shape)) for name, shape in pairs]
+
+
+def table_checksum(table) -> str:
+    """The checksum of a masked-tensor table, as a task file records it: its masks follow this table."""
+    rows = [[name, list(shape)] for name, shape in _table_rows(table)]
+    return _checksum(json.dumps(rows, separators=(",", ":"), ensure_ascii=True).encode("ascii"))
+
+
+def _little_endian(arr: np.ndarray) -> np.ndarray:
+    arr = np.asarray(arr)
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+
+
+def _group_bn(params: dict[str, np.ndarray]) -> tuple[list[list], dict[str, np.ndarray]]:
+    """Split off the BatchNorm-like modules: those with all of BN_ROWS, float32 vectors of one length C >= 1.
+
+    Returns ([[module, C]] sorted by module name, the remaining tensors by name)."""
+    found: dict[str, dict[str, np.ndarray]] = {}
+    for key, arr in params.items():
+        module, _, leaf = key.rpartition(".")
+        if module and leaf in BN_ROWS:
+            found.setdefault(module, {})[leaf] = arr
+    table, rest = [], dict(params)
+    for module in sorted(found):
+        rows = found[module]
+        if (len(rows) == len(BN_ROWS) and all(v.dtype.kind == "f" and v.dtype.itemsize == 4 and v.ndim == 1
+                                              for v in rows.values())
+                and len({v.size for v in rows.values()}) == 1 and rows["weight"].size > 0):
+            table.append([module, int(rows["weight"].size)])
+            for leaf in BN_ROWS:
+                del rest[f"{module}.{leaf}"]
+    return table, rest
+
+
 def task_file_bytes(info: dict, masks: dict[str, np.ndarray] | list, params: dict[str, np.ndarray]) -> bytes:
     """Serialize one task (torch-free, deterministic: equal inputs give equal bytes).
 
     ``info``: name, num_classes, class_names, method, train_bn, head_name, backbone_fingerprint,
     metrics. ``masks``: bool arrays in the manifest's masked-table order (name -> mask, or
-    EncodedMask values). ``params``: head and per-task BN tensors by plain state-dict name.
+    EncodedMask values; their names and shapes make the table the file records a checksum of).
+    ``params``: head and per-task BN tensors by plain state-dict name.
     """
     required = ("name", "num_classes", "class_names", "method", "train_bn", "head_name",
                 "backbone_fingerprint", "metrics")
     missing = [k for k in required if k not in info]
     if missing:
         raise PbexportError(f"task info misses {', '.join(missing)}")
-    items = masks.items() if isinstance(masks, dict) else masks
+    items = list(masks.items()) if isinstance(masks, dict) else list(masks)
+    if items and info["method"] != "piggyback":
+        raise PbexportError(f"a {info['method']} task has no masks")
     encoded = [(n, m if isinstance(m, EncodedMask) else encode_mask(m)) for n, m in items]
-    params = {k: np.ascontiguousarray(v) for k, v in params.items()}
-    mask_meta = [{"name": n, "shape": list(e.shape), "codec": e.codec, "ones": e.ones, "sha256": e.sha256}
-                 for n, e in encoded]
-    # widest dtypes first keeps every tensor aligned to its item size; mask payloads (bytes) last
-    order = sorted(params, key=lambda k: (-params[k].dtype.itemsize, k))
-    digest = hashlib.sha256()
-    for k in order:
-        digest.update(params[k].astype(params[k].dtype.newbyteorder("<")).tobytes())
+    params = {k: _little_endian(v) for k, v in params.items()}
+    bn_table, rest = _group_bn(params)
+    dense = [(PARAM_PREFIX + k, v) for k, v in rest.items()]
+    if bn_table:
+        dense.append((BN_TENSOR, np.stack([np.concatenate([params[f"{m}.{leaf}"] for m, _ in bn_table])
+                                           for leaf in BN_ROWS]).astype("<f4")))
+    # widest dtypes first keeps every tensor aligned to its item size; the mask payloads (bytes) last
+    dense.sort(key=lambda t: (-t[1].dtype.itemsize, t[0]))
     metadata = {
         "format": TASK_FORMAT,
         "format_version": str(FORMAT_VERSION),
         "task": _canonical_json({k: info[k] for k in required}),
-        "masks": _canonical_json(mask_meta),
-        "params_sha256": digest.hexdigest(),
+        "masks": _canonical_json([[e.codec, e.ones, len(e.payload), e.sha256[:CHECKSUM_HEX]] for _, e in encoded]),
+        "bn": _canonical_json(bn_table),
+        "params_checksum": _checksum(*(arr.tobytes() for _, arr in dense)),
     }
-    tensors = [(PARAM_PREFIX + k, params[k]) for k in order]
-    tensors += [(MASK_PREFIX + n, np.frombuffer(e.payload, dtype=np.uint8)) for n, e in encoded]
+    if info["method"] == "piggyback":
+        metadata["masked_table"] = table_checksum([(n, e.shape) for n, e in encoded])
+    tensors = list(dense)
+    if encoded:
+        tensors.append((MASKS_TENSOR, np.frombuffer(b"".join(e.payload for _, e in encoded), dtype=np.uint8)))
     return stfile.dumps(tensors, metadata)
+
+
+@dataclass(frozen=True)
+class MaskRecord:
+    """One mask as a task file stores it: no name or shape, those come from the masked-tensor table."""
+
+    codec: str
+    ones: int
+    payload: bytes
+    checksum: str  # first CHECKSUM_HEX hex digits of the sha256 of the packed bits
 
 
 @dataclass
 class TaskFile:
-    """A parsed, checked task file; masks stay coded until asked for."""
+    """A parsed, checked task file; masks stay coded until asked for.
+
+    The file stores its masks by position in the manifest's masked-tensor table; ``bind(table)``
+    checks them against it and gives them their names and shapes (``masks``, ``mask_names``).
+    """
 
     path: Path
     info: dict
-    masks: list[EncodedMask]  # in masked-table order
-    mask_names: list[str]
-    params: dict[str, np.ndarray]
+    records: list[MaskRecord]  # in masked-table order
+    masked_table: str | None  # checksum of the table the masks follow (piggyback)
+    params: dict[str, np.ndarray]  # head and per-task BN by plain state-dict name
+    masks: list[EncodedMask] = field(default_factory=list)  # once bound, in masked-table order
+    mask_names: list[str] = field(default_factory=list)
+    bound: bool = False
+
+    def table_problem(self, table) -> str | None:
+        """Why the masks do not follow ``table`` (the manifest's masked-tensor table), or None."""
+        if self.info["method"] != "piggyback":
+            return None
+        rows = _table_rows(table)
+        if len(self.records) != len(rows):
+            return f"{len(self.records)} masks for {len(rows)} table entries"
+        if self.masked_table != table_checksum(rows):
+            return f"table checksum {self.masked_table}, manifest's is {table_checksum(rows)}"
+        return None
+
+    def bind(self, table) -> TaskFile:
+        problem = self.table_problem(table)
+        if problem is not None:
+            raise PbexportError(f"task file does not match the masked-tensor table: {problem}", str(self.path))
+        rows = _table_rows(table) if self.info["method"] == "piggyback" else []
+        self.mask_names = [name for name, _ in rows]
+        self.masks = [EncodedMask(r.codec, r.payload, shape, r.ones, r.checksum)
+                      for r, (_, shape) in zip(self.records, rows, strict=True)]
+        self.bound = True
+        return self
 
     def decode_masks(self) -> dict[str, np.ndarray]:
+        if not self.bound:
+            raise PbexportError("task file's masks are not bound to a masked-tensor table", str(self.path))
         out = {}
         for name, enc in zip(self.mask_names, self.masks, strict=True):
             try:
@@ -254,8 +353,15 @@ def _json_field(metadata: dict, key: str, kind: type, path: Path):
     return value
 
 
-def parse_task_file(data: bytes, path: str | Path) -> TaskFile:
-    """Parse and check a task file's bytes on their own (the manifest checks come on top)."""
+def _is_checksum(v) -> bool:
+    return isinstance(v, str) and _CHECKSUM_RE.match(v) is not None
+
+
+def parse_task_file(data: bytes, path: str | Path, masked=None) -> TaskFile:
+    """Parse and check a task file's bytes on their own (the manifest checks come on top).
+
+    ``masked``: the masked-tensor table to bind the masks to (see TaskFile.bind); None leaves them unbound.
+    """
     path = Path(path)
     tensors, metadata = stfile.loads(data, str(path))
     if metadata.get("format") != TASK_FORMAT:
@@ -265,6 +371,7 @@ def parse_task_file(data: bytes, path: str | Path) -> TaskFile:
                             f"(this pbexport reads version {FORMAT_VERSION})", str(path))
     info = _json_field(metadata, "task", dict, path)
     mask_meta = _json_field(metadata, "masks", list, path)
+    bn_meta = _json_field(metadata, "bn", list, path)
     try:
         _need(isinstance(info.get("name"), str), "task name must be a string")
         _need(_is_int(info.get("num_classes"), 1), "num_classes must be a positive integer")
@@ -275,27 +382,57 @@ def parse_task_file(data: bytes, path: str | Path) -> TaskFile:
         _need(isinstance(info.get("head_name"), str), "head_name must be a string")
         _need(isinstance(info.get("backbone_fingerprint"), str), "backbone_fingerprint must be a string")
         _need(isinstance(info.get("metrics"), dict), "metrics must be an object")
-        masks, names = [], []
+        piggyback = info["method"] == "piggyback"
+        _need(piggyback or not mask_meta, "a classifier task holds masks")
+        masked_table = metadata.get("masked_table") if piggyback else None
+        _need(not piggyback or _is_checksum(masked_table), f"masked_table must be {CHECKSUM_HEX} hex digits")
+        _need(_checksum(*(a.tobytes() for k, a in tensors.items() if k != MASKS_TENSOR))  # in data order
+              == metadata.get("params_checksum"), "params do not match params_checksum")
+        # masks: [codec, ones, nbytes, checksum] each, payloads back to back in tensor "masks"
         for i, e in enumerate(mask_meta):
-            _need(isinstance(e, dict) and isinstance(e.get("name"), str) and _is_shape(e.get("shape"))
-                  and isinstance(e.get("codec"), str) and _is_int(e.get("ones"))
-                  and isinstance(e.get("sha256"), str), f"masks[{i}] needs name, shape, codec, ones and sha256")
-            payload = tensors.get(MASK_PREFIX + e["name"])
-            _need(payload is not None and payload.dtype == np.uint8 and payload.ndim == 1,
-                  f"mask {e['name']} has no 1-D U8 tensor {MASK_PREFIX + e['name']!r}")
-            _need(e["name"] not in names, f"mask {e['name']} is listed twice")
-            names.append(e["name"])
-            masks.append(EncodedMask(e["codec"], payload.tobytes(), tuple(e["shape"]), e["ones"], e["sha256"]))
-        params = {k[len(PARAM_PREFIX):]: v for k, v in tensors.items() if k.startswith(PARAM_PREFIX)}
-        digest = hashlib.sha256()
-        for arr in params.values():  # in data order
-            digest.update(arr.tobytes())
-        _need(digest.hexdigest() == metadata.get("params_sha256"), "params do not match params_sha256")
-        extra = set(tensors) - {MASK_PREFIX + n for n in names} - {PARAM_PREFIX + k for k in params}
+            _need(isinstance(e, list) and len(e) == 4 and isinstance(e[0], str) and _is_int(e[1])
+                  and _is_int(e[2]) and _is_checksum(e[3]), f"masks[{i}] must be [codec, ones, nbytes, checksum]")
+            _need(e[0] in CODECS, f"masks[{i}] has unknown codec {e[0]!r} (known: {', '.join(CODECS)})")
+        records = []
+        if mask_meta:
+            payloads = tensors.get(MASKS_TENSOR)
+            _need(payloads is not None and payloads.dtype == np.uint8 and payloads.ndim == 1,
+                  f"masks need a 1-D U8 tensor {MASKS_TENSOR!r}")
+            total = sum(e[2] for e in mask_meta)
+            _need(payloads.size == total, f"tensor {MASKS_TENSOR!r} has {payloads.size} bytes, the masks take {total}")
+            raw, pos = payloads.tobytes(), 0
+            for codec, ones, nbytes, checksum in mask_meta:
+                records.append(MaskRecord(codec, ones, raw[pos:pos + nbytes], checksum))
+                pos += nbytes
+        # per-task BN: [module, channels] each, columns of tensor "bn" (rows BN_ROWS)
+        params: dict[str, np.ndarray] = {}
+        for i, e in enumerate(bn_meta):
+            _need(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and e[0] and _is_int(e[1], 1),
+                  f"bn[{i}] must be [module, channels]")
+        if bn_meta:
+            channels = sum(e[1] for e in bn_meta)
+            bn = tensors.get(BN_TENSOR)
+            _need(bn is not None and bn.dtype == np.dtype("<f4") and bn.shape == (len(BN_ROWS), channels),
+                  f"bn needs an F32 tensor {BN_TENSOR!r} of shape [{len(BN_ROWS)}, {channels}]")
+            begin = 0
+            for module, c in bn_meta:
+                for row, leaf in enumerate(BN_ROWS):
+                    _need(f"{module}.{leaf}" not in params, f"bn lists {module!r} twice")
+                    params[f"{module}.{leaf}"] = bn[row, begin:begin + c]
+                begin += c
+        for name, arr in tensors.items():  # in data order
+            if name.startswith(PARAM_PREFIX):
+                key = name[len(PARAM_PREFIX):]
+                _need(key not in params, f"{key} is stored twice")
+                params[key] = arr
+        known = {MASKS_TENSOR} if mask_meta else set()
+        known |= {BN_TENSOR} if bn_meta else set()
+        extra = {k for k in tensors if not k.startswith(PARAM_PREFIX)} - known
         _need(not extra, f"unexpected tensors {sorted(extra)[:3]}")
     except _Invalid as exc:
         raise PbexportError(f"invalid task file: {exc}", str(path)) from None
-    return TaskFile(path, info, masks, names, params)
+    tf = TaskFile(path, info, records, masked_table, params)
+    return tf.bind(masked) if masked is not None else tf
 
 
 # ----------------------------------------------------------------------------- the bundle
@@ -366,6 +503,7 @@ class Bundle:
                                 str(path))
         tf = parse_task_file(data, path)
         self._check_against_manifest(tf, entry)
+        tf.bind(self.manifest["backbone"]["masked"])
         self._files[task] = tf
         return tf
 
@@ -378,12 +516,9 @@ class Bundle:
                             f"{bb['fingerprint'][:12]}")
         if info["head_name"] != bb["head_name"]:
             problems.append(f"head {info['head_name']!r}, manifest says {bb['head_name']!r}")
-        table = [(e["name"], tuple(e["shape"])) for e in bb["masked"]]
-        stored = [(n, m.shape) for n, m in zip(tf.mask_names, tf.masks, strict=True)]
-        if info["method"] == "piggyback" and stored != table:
-            problems.append("masks do not follow the manifest's masked-tensor table")
-        if info["method"] == "classifier" and stored:
-            problems.append("a classifier task holds masks")
+        table = tf.table_problem(bb["masked"])
+        if table is not None:
+            problems.append(f"masks do not follow the manifest's masked-tensor table ({table})")
         if problems:
             raise PbexportError("task file does not match the manifest: " + "; ".join(problems), str(tf.path))
 

@@ -31,6 +31,7 @@ from pbexport.bundle import (
     pack_runs,
     parse_task_file,
     remove_task,
+    table_checksum,
     task_file_bytes,
     validate_manifest,
 )
@@ -233,6 +234,16 @@ def test_three_tasks_share_one_backbone_and_fit_the_size_budget(runs, tmp_path):
     assert total <= budget, (total, budget)
 
 
+def test_task_file_overhead_is_small(bundle):
+    """Beyond the coded masks and the raw head and BN bytes, a ResNet-20 task file (19 masks, 19 per-task
+    BatchNorms) holds one small header: no per-mask names, shapes or 64-digit hashes, no entry per BN tensor."""
+    info = load_bundle(bundle).info()
+    overhead = {task: t["size"] - t["mask_bytes"] - t["param_bytes"] for task, t in info["tasks"].items()}
+    # version 1 spent about 12 KB on "pig": ~6.5 KB on 76 BN tensor entries, ~4.9 KB on mask records and entries
+    assert overhead["pig"] <= 2150 and overhead["pignobn"] <= 1650, overhead
+    assert overhead["cls"] <= 700 and overhead["clsbn"] <= 1200, overhead
+
+
 def test_real_resnet20_three_task_bundle(resnet20_weights, tiny_npz, tmp_path):
     run_dirs = [_train(tmp_path / f"r{i}", tiny_npz, f"t{i}", weights=str(resnet20_weights), seed=i,
                        train_bn=i != 2) for i in range(3)]
@@ -400,9 +411,12 @@ def test_damaged_files_give_one_line_errors_naming_the_file(bundle, tmp_path):
     # a manifest from a newer format version, or not a manifest at all
     manifest_path = path / MANIFEST
     manifest = json.loads(manifest_path.read_text())
-    manifest_path.write_text(json.dumps(dict(manifest, format_version=2)))
+    manifest_path.write_text(json.dumps(dict(manifest, format_version=3)))
     assert one_line_error(invoke("info", path)) == (
-        f"error: {manifest_path}: bundle format version 2 is not supported (this pbexport reads version 1)")
+        f"error: {manifest_path}: bundle format version 3 is not supported (this pbexport reads version 2)")
+    manifest_path.write_text(json.dumps(dict(manifest, format_version=1)))
+    assert one_line_error(invoke("info", path)) == (
+        f"error: {manifest_path}: bundle format version 1 is not supported (this pbexport reads version 2)")
     manifest_path.write_text("{not json")
     assert one_line_error(invoke("info", path)).startswith(f"error: {manifest_path}: manifest is not valid JSON")
     broken = json.loads(json.dumps(manifest))
@@ -441,23 +455,42 @@ def test_tampered_but_consistent_task_files_are_caught(bundle, tmp_path):
     def rebuilt(tensors=tensors, **meta):
         return stfile.dumps(list(tensors.items()), dict(metadata, **meta))
 
-    # a task file of another format version
-    f = _rewrite_task(path, "pig", rebuilt(format_version="2"))
-    assert one_line_error(invoke("info", path)) == (
-        f"error: {f}: task file format version 2 is not supported (this pbexport reads version 1)")
-    # one mask payload byte changed (file checksum in the manifest updated too)
-    name = next(k for k in tensors if k.startswith("mask/"))
-    payload = tensors[name].copy()
-    payload[-1] ^= 0x10
-    f = _rewrite_task(path, "pig", rebuilt(dict(tensors, **{name: payload})))
+    # a task file of another format version (the previous one included: no reader of both)
+    for version in ("1", "3"):
+        f = _rewrite_task(path, "pig", rebuilt(format_version=version))
+        assert one_line_error(invoke("info", path)) == (
+            f"error: {f}: task file format version {version} is not supported (this pbexport reads version 2)")
+    # one byte of the second mask's payload changed (file checksum in the manifest updated too): the error
+    # names the mask found by its position in the manifest's masked-tensor table
+    records = json.loads(metadata["masks"])
+    payloads = tensors["masks"].copy()
+    payloads[records[0][2] + records[1][2] - 1] ^= 0x10
+    f = _rewrite_task(path, "pig", rebuilt(dict(tensors, masks=payloads)))
     err = one_line_error(invoke("info", path))
-    assert err.startswith(f"error: {f}: mask {name[5:]}: ") and err.count("\n") == 0
-    # a head tensor changed
-    head = dict(tensors)
-    head["param/linear.bias"] = head["param/linear.bias"] + 1
-    f = _rewrite_task(path, "pig", rebuilt(head))
+    assert err.startswith(f"error: {f}: mask {load_bundle(path).masked_names[1]}: ") and err.count("\n") == 0
+    # a head tensor or a per-task BN value changed
+    for key in ("param/linear.bias", "bn"):
+        changed = dict(tensors)
+        changed[key] = changed[key] + 1
+        f = _rewrite_task(path, "pig", rebuilt(changed))
+        assert one_line_error(invoke("info", path)) == (
+            f"error: {f}: invalid task file: params do not match params_checksum")
+    # the BN table names a module twice
+    bn = json.loads(metadata["bn"])
+    f = _rewrite_task(path, "pig", rebuilt(bn=json.dumps([bn[0], [bn[0][0], bn[1][1]], *bn[2:]])))
     assert one_line_error(invoke("info", path)) == (
-        f"error: {f}: invalid task file: params do not match params_sha256")
+        f"error: {f}: invalid task file: bn lists {bn[0][0]!r} twice")
+    # masks for another masked-tensor table: a different table checksum, or one mask fewer
+    table = load_bundle(path).manifest["backbone"]["masked"]
+    f = _rewrite_task(path, "pig", rebuilt(masked_table="0" * 16))
+    assert one_line_error(invoke("info", path)) == (
+        f"error: {f}: task file does not match the manifest: masks do not follow the manifest's masked-tensor "
+        f"table (table checksum 0000000000000000, manifest's is {table_checksum(table)})")
+    fewer = dict(tensors, masks=tensors["masks"][:-records[-1][2]])
+    f = _rewrite_task(path, "pig", rebuilt(fewer, masks=json.dumps(records[:-1])))
+    assert one_line_error(invoke("info", path)) == (
+        f"error: {f}: task file does not match the manifest: masks do not follow the manifest's masked-tensor "
+        f"table ({len(table) - 1} masks for {len(table)} table entries)")
     # a task file that belongs to another task / backbone
     task = json.loads(metadata["task"])
     f = _rewrite_task(path, "pig", rebuilt(task=json.dumps(dict(task, name="other", backbone_fingerprint="f" * 64))))
@@ -481,22 +514,26 @@ def _golden_task():
             "train_bn": True, "head_name": "fc", "backbone_fingerprint": "0" * 64,
             "metrics": {"test_accuracy": 0.75}}
     params = {"fc.bias": np.array([0.5, -1.0, 2.0, 0.0], np.float32),
+              "bn.weight": np.array([1.0, 0.5], np.float32), "bn.bias": np.array([0.0, -2.0], np.float32),
+              "bn.running_mean": np.array([0.25, 4.0], np.float32),
               "bn.running_var": np.array([1.0, 2.0], np.float32), "bn.steps": np.array([7], np.int64)}
     return info, {"conv.weight": conv, "conv2.weight": sparse, "fc.weight": fc}, params
 
 
-GOLDEN_SHA256 = "0ac4ae307b6984e4af59facabe7d144f3860f8877e30f7f8a9778e90f4b9a413"
-# bn.steps (I64), bn.running_var and fc.bias (F32), then the payloads: conv raw de7bef, conv2 rice
-# 03 02 15 21 (k=3 coding zeros, 2 of them, remainders 5 and 2, quotients 0 and 4), fc raw 7fff0f
-GOLDEN_DATA_HEX = ("07000000000000000000803f000000400000003f000080bf00000040000000"
-                   "00de7bef030215217fff0f")
-GOLDEN_MASKS = [  # the "masks" metadata: compact JSON with sorted keys, in masked-table order
-    {"codec": "raw", "name": "conv.weight", "ones": 19, "shape": [2, 3, 2, 2],
-     "sha256": "bdab9d402315bcb596ace363625c1aed34b553051b789bd4fa056066c01bc71f"},
-    {"codec": "rice", "name": "conv2.weight", "ones": 62, "shape": [8, 8],
-     "sha256": "dbe72d644170e0373c0f9d48287654b2ea6ee4e5587f2ecdbcb061ebcf8b0b2b"},
-    {"codec": "raw", "name": "fc.weight", "ones": 19, "shape": [4, 5],
-     "sha256": "f2e9c95f783268ef6e360233f7b51a75e27ed7949da7b422aa9038bbd7618952"},
+GOLDEN_TABLE = [{"name": "conv.weight", "shape": [2, 3, 2, 2]}, {"name": "conv2.weight", "shape": [8, 8]},
+                {"name": "fc.weight", "shape": [4, 5]}]
+GOLDEN_SHA256 = "8bb3ece95606fb9d3d8edfcda80be69d50c5fa709c08da7a4df70c02c267183b"
+# param/bn.steps (I64); bn (F32 [4, 2]: weight 1 .5, bias 0 -2, running_mean .25 4, running_var 1 2);
+# param/fc.bias (F32); then "masks": conv raw de7bef, conv2 rice 03 02 15 21 (k=3 coding zeros, 2 of them,
+# remainders 5 and 2, quotients 0 and 4), fc raw 7fff0f
+GOLDEN_DATA_HEX = ("0700000000000000"
+                   "0000803f0000003f00000000000000c00000803e000080400000803f00000040"
+                   "0000003f000080bf0000004000000000"
+                   "de7bef030215217fff0f")
+GOLDEN_MASKS = [  # the "masks" metadata: [codec, ones, payload bytes, checksum] in masked-table order; the
+    ["raw", 19, 3, "bdab9d402315bcb5"],  # checksum is the first 16 hex digits of the packed bits' sha256
+    ["rice", 62, 4, "dbe72d644170e037"],
+    ["raw", 19, 3, "f2e9c95f783268ef"],
 ]
 
 
@@ -506,14 +543,25 @@ def test_golden_task_file_bytes(tmp_path):
     (n,) = np.frombuffer(data[:8], "<u8")
     header = json.loads(data[8:8 + n])
     assert data[8 + n:].hex() == GOLDEN_DATA_HEX
-    assert header["__metadata__"]["masks"] == json.dumps(GOLDEN_MASKS, sort_keys=True, separators=(",", ":"))
-    assert header["__metadata__"]["task"] == (
-        '{"backbone_fingerprint":"' + "0" * 64 + '","class_names":["a","b","c","d"],"head_name":"fc",'
-        '"method":"piggyback","metrics":{"test_accuracy":0.75},"name":"tiny","num_classes":4,"train_bn":true}')
-    assert [k for k in header if k != "__metadata__"] == [
-        "mask/conv.weight", "mask/conv2.weight", "mask/fc.weight", "param/bn.running_var", "param/bn.steps",
-        "param/fc.bias"]
-    assert (8 + n) % 8 == 0 and data[8:9] == b"{"
+    for mask, checksum in zip(masks.values(), (m[3] for m in GOLDEN_MASKS), strict=True):
+        assert hashlib.sha256(np.packbits(mask.reshape(-1), bitorder="little").tobytes()).hexdigest()[:16] == checksum
+    table = b'[["conv.weight",[2,3,2,2]],["conv2.weight",[8,8]],["fc.weight",[4,5]]]'
+    assert header["__metadata__"] == {
+        "format": "pbexport-task", "format_version": "2",
+        "task": ('{"backbone_fingerprint":"' + "0" * 64 + '","class_names":["a","b","c","d"],"head_name":"fc",'
+                 '"method":"piggyback","metrics":{"test_accuracy":0.75},"name":"tiny","num_classes":4,'
+                 '"train_bn":true}'),
+        "masks": json.dumps(GOLDEN_MASKS, separators=(",", ":")),
+        "bn": '[["bn",2]]',
+        "masked_table": hashlib.sha256(table).hexdigest()[:16],
+        "params_checksum": hashlib.sha256(data[8 + n:8 + n + 56]).hexdigest()[:16],  # all but the masks
+    }
+    assert table_checksum(GOLDEN_TABLE) == header["__metadata__"]["masked_table"]
+    assert {k: (v["dtype"], v["shape"], v["data_offsets"]) for k, v in header.items() if k != "__metadata__"} == {
+        "param/bn.steps": ("I64", [1], [0, 8]), "bn": ("F32", [4, 2], [8, 40]),
+        "param/fc.bias": ("F32", [4], [40, 56]), "masks": ("U8", [10], [56, 66])}
+    assert list(header) == ["__metadata__", "bn", "masks", "param/bn.steps", "param/fc.bias"]  # keys sorted
+    assert (8 + n) % 8 == 0 and data[8:9] == b"{" and data[8 + n - 1:8 + n] in (b" ", b"}")
     assert hashlib.sha256(data).hexdigest() == GOLDEN_SHA256
     # the same bytes in a fresh process (safetensors' own writer orders metadata differently each time)
     code = (f"import hashlib\nimport numpy as np\n{inspect.getsource(_golden_task)}\n"
@@ -521,15 +569,28 @@ def test_golden_task_file_bytes(tmp_path):
             "print(hashlib.sha256(task_file_bytes(*_golden_task())).hexdigest())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_torchless_env())
     assert out.stdout.strip() == GOLDEN_SHA256, out.stderr
+    # the same bytes whatever the order of the params
+    assert task_file_bytes(info, masks, dict(reversed(params.items()))) == data
     # readable by the safetensors library, and back through our reader exactly
     from safetensors.numpy import load
 
     theirs = load(data)
     assert np.array_equal(theirs["param/fc.bias"], params["fc.bias"]) and theirs["param/bn.steps"][0] == 7
-    parsed = parse_task_file(data, tmp_path / "tiny.safetensors")
+    assert np.array_equal(theirs["bn"], np.stack([params[f"bn.{k}"] for k in
+                                                  ("weight", "bias", "running_mean", "running_var")]))
+    parsed = parse_task_file(data, tmp_path / "tiny.safetensors", GOLDEN_TABLE)
     assert parsed.info == info and [m.codec for m in parsed.masks] == ["raw", "rice", "raw"]
+    assert parsed.mask_names == list(masks)
     assert all(np.array_equal(parsed.decode_masks()[k], masks[k]) for k in masks)
-    assert all(np.array_equal(parsed.params[k], params[k]) for k in params)
+    assert set(parsed.params) == set(params)
+    assert all(parsed.params[k].dtype == params[k].dtype and np.array_equal(parsed.params[k], params[k])
+               for k in params)
+    # the masks are stored by position: they need the table, and only that table fits
+    with pytest.raises(PbexportError, match="masks are not bound"):
+        parse_task_file(data, "x").decode_masks()
+    with pytest.raises(PbexportError, match=re.escape("x: task file does not match the masked-tensor table: "
+                                                      "table checksum ")):
+        parse_task_file(data, "x", [dict(e, shape=[1, *e["shape"]]) for e in GOLDEN_TABLE])
 
 
 # ----------------------------------------------------------------------------- torch-free reading
@@ -539,7 +600,7 @@ def _fake_bundle(root: Path, table: dict[str, tuple], tasks: dict[str, tuple[dic
     backbone = stfile.dumps([("w", np.zeros(3, np.float32))])
     (root / BACKBONE_FILE).write_bytes(backbone)
     fingerprint = "ab" * 32
-    manifest = {"format": "pbexport-bundle", "format_version": 1, "pbexport_version": "test",
+    manifest = {"format": "pbexport-bundle", "format_version": 2, "pbexport_version": "test",
                 "backbone": {"name": "fake", "input_spec": {"size": 8, "channels": 1, "mean": [0.5], "std": [0.25]},
                              "fingerprint": fingerprint, "head_name": "fc", "file": BACKBONE_FILE,
                              "size": len(backbone), "sha256": hashlib.sha256(backbone).hexdigest(),
@@ -602,7 +663,7 @@ def test_fuzzed_task_files_fail_cleanly(data):
     if data.draw(st.booleans()):
         good = good[: data.draw(st.integers(0, len(good)))]
     try:
-        parsed = parse_task_file(bytes(good), "f")
+        parsed = parse_task_file(bytes(good), "f", GOLDEN_TABLE)
         decoded = parsed.decode_masks()
     except PbexportError as exc:
         assert "\n" not in str(exc) and str(exc).startswith("f: ")
@@ -678,14 +739,14 @@ def _validate(instance, schema, root=SCHEMA, where="$"):
 
 
 def test_manifests_follow_the_schema(bundle, tmp_path):
-    assert SCHEMA["properties"]["format_version"]["const"] == 1
+    assert SCHEMA["properties"]["format_version"]["const"] == 2
     manifest = json.loads((bundle / MANIFEST).read_text())
     _validate(manifest, SCHEMA)
     fake = _fake_bundle(tmp_path / "f", {"a.weight": (2, 2)}, {"t": ({"a.weight": np.eye(2, dtype=bool)}, {})})
     _validate(json.loads((fake / MANIFEST).read_text()), SCHEMA)
     # what the schema rejects, the loader rejects too
     bad_cases = [
-        lambda m: m.update(format_version=2),
+        lambda m: m.update(format_version=1),
         lambda m: m["tasks"][0].update(name="../x"),
         lambda m: m["tasks"][0].update(sha256="XYZ"),
         lambda m: m["tasks"][0].update(method="finetune"),

@@ -1,0 +1,212 @@
+"""Does a mask on a frozen backbone come close to fine-tuning? Measured with pbexport's defaults.
+
+Every (backbone, dataset, method, seed) is trained with `pbexport.train` on the same epoch budget
+and the same data; masks are packed into one bundle per backbone (which also gives the bytes each
+task adds). The base task (CIFAR-10) is evaluated from the original weights and from the bundle
+after all tasks were added: its logits must be bitwise identical.
+
+    python tools/bench_accuracy.py                               # full run (hours on 2 cores)
+    python tools/bench_accuracy.py --quick                       # CI-sized: fails if piggyback does
+                                                                 # not beat classifier-only by --margin
+    python tools/bench_accuracy.py --datasets my_task.npz --backbones cifar_resnet56
+
+Runs are kept under --out/runs and reused when complete, so an interrupted benchmark continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pbexport.backbones import load_backbone
+from pbexport.bundle import load_bundle, pack_runs
+from pbexport.data import load_data
+from pbexport.report import format_table
+from pbexport.taskmodel import TaskModel
+from pbexport.train import TrainConfig, evaluate, predict_logits, train
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+WEIGHTS = {"cifar_resnet20": SHARED / "resnet_cifar10" / "resnet20-12fca82f.th",
+           "cifar_resnet56": SHARED / "resnet_cifar10" / "resnet56-4bfd9763.th"}
+DATASETS = {"gtsrb": SHARED / "gtsrb32.npz", "mnist": SHARED / "mnist28.npz"}
+BASE_TASK = SHARED / "cifar10_test2k.npz"
+# name -> (method, train_bn); piggyback-bn is pbexport's default recipe
+VARIANTS = {"classifier": ("classifier", False), "piggyback": ("piggyback", False),
+            "piggyback-bn": ("piggyback", True), "finetune": ("finetune", False)}
+
+
+def task_name(dataset: str, variant: str, seed: int) -> str:
+    return f"{dataset}-{variant}-s{seed}"
+
+
+def run_one(out: Path, backbone: str, dataset: str, variant: str, seed: int, args) -> dict:
+    run_dir = out / "runs" / backbone / dataset / f"{variant}-s{seed}"
+    method, train_bn = VARIANTS[variant]
+    if not (run_dir / "metrics.json").exists():
+        if run_dir.exists():  # an interrupted run: continue it
+            resume = any((run_dir / "checkpoints").glob("*.json"))
+        else:
+            resume = False
+        cfg = TrainConfig(backbone=backbone, weights=str(WEIGHTS.get(backbone, "")) or None,
+                          data=str(DATASETS.get(dataset, dataset)), task=task_name(dataset, variant, seed),
+                          method=method, train_bn=train_bn, seed=seed, epochs=args.epochs,
+                          max_train_samples=args.max_train_samples)
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)
+        train(cfg, run_dir, resume=resume, progress=not args.quiet)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {"backbone": backbone, "dataset": dataset, "variant": variant, "seed": seed, "run": str(run_dir),
+            "test_accuracy": metrics["test_accuracy"], "mask_density": metrics["mask_density"],
+            "train_seconds": sum(e["seconds"] for e in metrics["epochs"])}
+
+
+def base_task_check(backbone: str, bundle_dir: Path) -> dict:
+    """CIFAR-10 accuracy of the original weights and of the bundle's backbone (after all tasks)."""
+    data = load_data(str(BASE_TASK))
+    results = {}
+    logits = {}
+    for label, bb in (("original", load_backbone(backbone, WEIGHTS[backbone])),
+                      ("bundle", load_bundle(bundle_dir).backbone())):
+        model = TaskModel(bb.model, bb.spec, "classifier", False, "").eval()
+        logits[label] = predict_logits(model, data.test)
+        results[label] = evaluate(model, data.test)
+    results["bitwise_identical"] = bool(torch.equal(logits["original"], logits["bundle"]))
+    return results
+
+
+def storage(bundle_dir: Path, rows: list[dict]) -> None:
+    """Bytes each task adds: its task file in the bundle (masks, head, BN) or the whole net (finetune)."""
+    info = load_bundle(bundle_dir).info()
+    for r in rows:
+        if r["variant"] == "finetune":
+            net = load_backbone(r["backbone"], r["run"]).model
+            r["bytes_per_task"] = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+            r["stored_bits_per_param"] = None
+        else:
+            task = info["tasks"][task_name(r["dataset"], r["variant"], r["seed"])]
+            r["bytes_per_task"] = task["size"]
+            r["stored_bits_per_param"] = task["stored_bits_per_param"] if r["variant"] != "classifier" else None
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["backbone"], r["dataset"], r["variant"]), []).append(r)
+    out = []
+    for (backbone, dataset, variant), rs in groups.items():
+        accs = [100 * r["test_accuracy"] for r in rs]
+        ft = groups.get((backbone, dataset, "finetune"))
+        ft_mean = statistics.mean(100 * r["test_accuracy"] for r in ft) if ft else None
+        mean = statistics.mean(accs)
+        bits = [r["stored_bits_per_param"] for r in rs if r.get("stored_bits_per_param") is not None]
+        out.append({"backbone": backbone, "dataset": dataset, "variant": variant, "seeds": len(rs),
+                    "accuracy_mean": mean, "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+                    "gap_to_finetune": None if ft_mean is None else mean - ft_mean,
+                    "bytes_per_task": statistics.mean(r.get("bytes_per_task", 0) for r in rs),
+                    "stored_bits_per_param": statistics.mean(bits) if bits else None,
+                    "mask_density": statistics.mean(r["mask_density"] for r in rs) if rs[0]["mask_density"] else None,
+                    "train_seconds": statistics.mean(r["train_seconds"] for r in rs)})
+    return out
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(s["backbone"], s["dataset"]) for s in summary})
+    variants = [v for v in VARIANTS if any(s["variant"] == v for s in summary)]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(keys), 3.6))
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        vals = [next((s["accuracy_mean"] for s in summary if (s["backbone"], s["dataset"]) == k
+                      and s["variant"] == v), 0) for k in keys]
+        errs = [next((s["accuracy_std"] for s in summary if (s["backbone"], s["dataset"]) == k
+                      and s["variant"] == v), 0) for k in keys]
+        ax.bar(np.arange(len(keys)) + i * width, vals, width, yerr=errs, label=v)
+    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, [f"{b}\n{d}" for b, d in keys], fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", nargs="+", default=["cifar_resnet20", "cifar_resnet56"])
+    parser.add_argument("--datasets", nargs="+", default=["gtsrb", "mnist"],
+                        help="gtsrb, mnist (from shared/data) or paths to ImageFolder dirs / .npz files")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--max-train-samples", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("bench-out/accuracy"))
+    parser.add_argument("--quick", action="store_true",
+                        help="CI size: cifar_resnet20, gtsrb, classifier vs piggyback-bn, 1 seed, 2 epochs, "
+                             "3000 train images; exit 1 unless piggyback wins by --margin points")
+    parser.add_argument("--margin", type=float, default=20.0)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.backbones, args.datasets, args.variants = ["cifar_resnet20"], ["gtsrb"], ["classifier", "piggyback-bn"]
+        args.seeds, args.epochs, args.max_train_samples = [0], 2, args.max_train_samples or 3000
+    missing = [str(p) for p in [*(WEIGHTS[b] for b in args.backbones if b in WEIGHTS),
+                                *(DATASETS[d] for d in args.datasets if d in DATASETS)] if not p.exists()]
+    if missing:
+        print(f"error: real data not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    started = time.time()
+    rows = []
+    for backbone in args.backbones:
+        for dataset in args.datasets:
+            for variant in args.variants:
+                for seed in args.seeds:
+                    print(f"[{time.time() - started:6.0f}s] {backbone} {dataset} {variant} seed {seed}", flush=True)
+                    rows.append(run_one(args.out, backbone, Path(dataset).stem if dataset not in DATASETS
+                                        else dataset, variant, seed, args))
+    base = {}
+    for backbone in args.backbones:
+        bundle_dir = args.out / "bundles" / backbone
+        packable = [r for r in rows if r["backbone"] == backbone and r["variant"] != "finetune"]
+        shutil.rmtree(bundle_dir, ignore_errors=True)
+        pack_runs([r["run"] for r in packable], bundle_dir, name=None)
+        storage(bundle_dir, [r for r in rows if r["backbone"] == backbone])
+        if backbone in WEIGHTS:
+            base[backbone] = base_task_check(backbone, bundle_dir)
+    summary = summarize(rows)
+    table = format_table(
+        ["backbone", "dataset", "method", "seeds", "test acc %", "± std", "gap to finetune", "bytes/task",
+         "stored bits/param", "density", "train s"],
+        [[s["backbone"], s["dataset"], s["variant"], s["seeds"], s["accuracy_mean"], s["accuracy_std"],
+          s["gap_to_finetune"], int(s["bytes_per_task"]), s["stored_bits_per_param"], s["mask_density"],
+          s["train_seconds"]] for s in summary], floatfmt=".2f")
+    print(table)
+    for backbone, b in base.items():
+        print(f"base task (CIFAR-10 2k) on {backbone}: original {100 * b['original']:.2f}%, from the bundle after "
+              f"adding tasks {100 * b['bundle']:.2f}%, logits bitwise identical: {b['bitwise_identical']}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "accuracy.json").write_text(json.dumps({"rows": rows, "summary": summary, "base_task": base,
+                                                        "epochs": args.epochs, "seeds": args.seeds}, indent=2))
+    plot(summary, args.out / "accuracy.png")
+    (args.out / "accuracy.md").write_text(table + "\n")
+    if args.quick:
+        acc = {s["variant"]: s["accuracy_mean"] for s in summary}
+        won = acc["piggyback-bn"] - acc["classifier"]
+        print(f"piggyback beats classifier-only by {won:.1f} points (required: {args.margin})")
+        if won < args.margin or not all(b["bitwise_identical"] for b in base.values()):
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
