@@ -21,6 +21,7 @@ _LAZY = {
     "load_bundle": "bundle",
     "pack_runs": "bundle",
     "remove_task": "bundle",
+    "open_model": "runtime",  # torch-free: the on-device engine
 }
 
 __all__ = ["PbexportError", "__version__", *_LAZY]

@@ -40,9 +40,12 @@ def handle_errors(fn):
         except PbexportError as exc:
             _fail(str(exc))
         except ModuleNotFoundError as exc:
-            if exc.name in ("torch", "torchvision", "safetensors", "tqdm", "zstandard"):
+            if exc.name in ("torch", "torchvision", "safetensors", "tqdm", "zstandard", "onnx", "onnxscript",
+                            "matplotlib"):
                 _fail(f"this command needs the training extra ({exc.name} is missing): "
                       'pip install "pbexport[train]"')
+            if exc.name in ("onnxruntime", "PIL", "numpy"):  # base dependencies (the runtime's)
+                _fail(f"{exc.name} is missing: pip install pbexport (or onnxruntime-gpu for CUDA)")
             raise
     return wrapper
 
@@ -130,14 +133,74 @@ def eval_cmd(run_dir, data, weights, task, as_json) -> None:
 
 @cli.command("demo")
 @click.option("--out", "out", type=click.Path(), default="demo-out", show_default=True,
-              help="Working directory (replaced).")
+              help="Working directory (an earlier demo directory there is replaced).")
 @click.option("--epochs", type=int, default=3, show_default=True, help="Epochs per new task.")
 @handle_errors
 def demo_cmd(out, epochs) -> None:
-    """Whole chain on built-in synthetic data: pretrain a backbone, learn masks, compare baselines."""
+    """Whole chain on built-in synthetic data, no download: pretrain a backbone, learn masks next to the
+    classifier-only baseline, pack, export in all three ONNX modes, and run them with onnxruntime."""
     from .demo import run_demo
 
     run_demo(out, epochs=epochs)
+
+
+# --------------------------------------------------------------------------- on the device (predict)
+@cli.command("predict")
+@click.argument("model", type=click.Path())
+@click.argument("images", metavar="IMAGE_OR_DIR...", nargs=-1, required=True, type=click.Path())
+@click.option("--task", default=None, help="Task to run (may be left out when MODEL holds one task).")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Best classes to show.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image (JSON lines) instead of a table.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider (auto: CUDA when installed, else CPU).")
+@handle_errors
+def predict_cmd(model, images, task, top_k, as_json, provider) -> None:
+    """Classify images with an exported MODEL (needs onnxruntime, numpy and Pillow only; no torch).
+
+    MODEL: a task's .onnx (or its int8 .onnx or .ort), a directory of task graphs (baked or shared),
+    or a multitask directory, as written by `pbexport onnx`. IMAGE_OR_DIR: image files (anything
+    Pillow reads; gray becomes RGB) or .npy arrays (NCHW or CHW, float in [0, 1] or uint8, at the
+    input size); a directory stands for its image and .npy files (sorted, not recursive).
+    Preprocessing comes from MODEL's metadata.
+
+    Exit code 0 when every input was predicted. An input that cannot be read is reported on stderr as
+    `error: FILE: problem`, the others are still predicted, and the exit code is 2; any other error
+    (MODEL, task) stops at once with one such line and exit code 2.
+    """
+    from pathlib import Path
+
+    from .report import format_table
+    from .runtime import list_inputs, open_model
+
+    engine = open_model(model, providers=provider)
+    task = engine.resolve_task(task)
+    files, failed = [], 0
+    for item in images:
+        p = Path(item)
+        if p.is_dir():
+            found = list_inputs(p)
+            if not found:
+                click.echo(f"error: {p}: no image or .npy files in this directory", err=True)
+                failed += 1
+            files += found
+        else:
+            files.append(p)
+    rows = []
+    for i in range(0, len(files), engine.batch_size):  # bounded memory for large directories
+        for r in engine.predict(files[i:i + engine.batch_size], task, top_k=top_k, errors="keep"):
+            if not hasattr(r, "top_k"):
+                click.echo(f"error: {r.message}", err=True)
+                failed += 1
+            elif as_json:
+                click.echo(json.dumps(r.to_dict()))
+            else:
+                rows.append([r.source, r.name, r.probability]
+                            + ([", ".join(f"{c.name} {c.probability:.3f}" for c in r.top_k)] if top_k > 1 else []))
+    if rows:
+        click.echo(format_table(["image", f"{task} class", "probability"] + ([f"top {top_k}"] if top_k > 1 else []),
+                                rows))
+    if failed:
+        sys.exit(2)
 
 
 # --------------------------------------------------------------------------- bundles (pack, info, remove)
@@ -248,3 +311,124 @@ def remove_cmd(bundle, task) -> None:
 
     remove_task(bundle, task)
     click.echo(f"removed task {task!r} from {bundle} ({len(load_bundle(bundle).tasks)} tasks left)")
+
+
+# --------------------------------------------------------------------------- ONNX export (onnx, verify)
+def _verify_options(fn):
+    for option in reversed([
+        click.option("--data", default=None,
+                     help="Verify on this dataset's test images (as for `train`); default: random inputs."),
+        click.option("--samples", type=int, default=None,
+                     help="Inputs to verify on (default: 256 with --data, else 32)."),
+        click.option("--atol", type=float, default=1e-4, show_default=True, help="Largest allowed |onnx - torch|."),
+        click.option("--strict/--no-strict", default=True, show_default=True,
+                     help="Exit with code 1 when verification fails."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _print_report(report, strict: bool) -> None:
+    click.echo(report.table())
+    click.echo(report.summary())
+    if not report.ok and strict:
+        sys.exit(1)
+
+
+@cli.command("onnx")
+@click.argument("bundle", type=click.Path())
+@click.option("--task", "tasks", multiple=True,
+              help="Task to export (repeatable). Baked: with -o T.onnx, one standalone file.")
+@click.option("--all", "all_tasks", is_flag=True,
+              help="Every task of the bundle (the default for --shared/--multitask).")
+@click.option("--shared", "mode", flag_value="shared",
+              help="One backbone weights file + one small graph per task (packed masks, folded at load).")
+@click.option("--multitask", "mode", flag_value="multitask",
+              help="One graph; task tensors fed per run (onnxruntime adapters, or as inputs).")
+@click.option("-o", "--out", required=True, type=click.Path(),
+              help="Output: T.onnx (baked, one task) or a directory.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: 17).")
+@click.option("--batch", type=int, default=None, help="Fixed batch size (default: a dynamic batch axis).")
+@click.option("--input-size", type=int, default=None,
+              help="Export at this input size instead of the bundle's (backbones that allow it).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check every file against the PyTorch task model.")
+@_verify_options
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@handle_errors
+def onnx_cmd(bundle, tasks, all_tasks, mode, out, strict, opset, **options) -> None:
+    """Export BUNDLE's tasks to ONNX: baked (default), --shared or --multitask; verified unless --no-verify."""
+    from .export import DEFAULT_OPSET, main_export
+
+    mode = mode or "baked"
+    if tasks and all_tasks:
+        raise PbexportError("give --task or --all, not both")
+    if mode == "baked" and not tasks and not all_tasks:
+        raise PbexportError("choose what to export: --task T -o T.onnx, --all -o DIR, --shared -o DIR or "
+                            "--multitask -o DIR")
+    result = main_export(bundle, out, mode=mode, tasks=list(tasks) or None,
+                         opset=DEFAULT_OPSET if opset is None else opset, **options)
+    size = sum(f.stat().st_size for f in result.files)
+    click.echo(f"{mode} export -> {out}: {len(result.files)} files, {size:,} bytes")
+    if result.report is not None:
+        _print_report(result.report, strict)
+
+
+@cli.command("verify")
+@click.argument("bundle", type=click.Path())
+@click.option("--onnx", "path", required=True, type=click.Path(),
+              help="An exported .onnx file, or a directory written by `pbexport onnx`.")
+@click.option("--task", "tasks", multiple=True, help="Task to check (repeatable; default: every task found).")
+@_verify_options
+@handle_errors
+def verify_cmd(bundle, path, tasks, strict, **options) -> None:
+    """Check exported ONNX files (any mode) against BUNDLE's PyTorch task models."""
+    from .export import verify_export
+
+    _print_report(verify_export(bundle, path, tasks=list(tasks) or None, **options), strict)
+
+
+@cli.command("quantize")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--out", "out", required=True, type=click.Path(), help="Quantized .onnx to write.")
+@click.option("--calib", required=True,
+              help="Dataset (as for `train`): calibrates on its train split, compares on its test split.")
+@click.option("--per-channel", is_flag=True, help="One scale per output channel of each weight.")
+@click.option("--calib-samples", type=int, default=256, show_default=True)
+@click.option("--eval-samples", type=int, default=1000, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@handle_errors
+def quantize_cmd(model, out, calib, per_channel, calib_samples, eval_samples, as_json, force) -> None:
+    """Static int8 quantization (QDQ) of a baked MODEL.onnx, then size, latency and accuracy vs float.
+
+    Shared and multitask exports are refused: their weights are not constants in the graph.
+    """
+    from .quantize import quantize_model
+    from .report import format_table
+
+    r = quantize_model(model, out, calib, per_channel=per_channel, calib_samples=calib_samples,
+                       eval_samples=eval_samples, force=force)
+    if as_json:
+        click.echo(json.dumps(r.to_dict()))
+        return
+    click.echo(format_table(
+        ["model", "bytes", "test accuracy", "latency ms (batch 1)"],
+        [["float", r.float_bytes, r.float_accuracy, r.float_latency_ms],
+         ["int8", r.int8_bytes, r.int8_accuracy, r.int8_latency_ms]]))
+    click.echo(f"{r.size_ratio:.2f}x smaller, accuracy {100 * (r.int8_accuracy - r.float_accuracy):+.2f} points, "
+               f"top-1 agreement {100 * r.top1_agreement:.1f}% on {r.samples} test images -> {out}")
+
+
+@cli.command("ort")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--out", "out", type=click.Path(), default=None, help="Output (default: MODEL with .ort).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@handle_errors
+def ort_cmd(model, out, force) -> None:
+    """Convert a baked (or int8) MODEL.onnx to ORT format for onnxruntime-mobile, verified to match."""
+    from .mobile import convert_to_ort
+
+    r = convert_to_ort(model, out, force=force)
+    click.echo(f"{r['ort']}: {r['ort_bytes']:,} bytes (onnx {r['onnx_bytes']:,}); same logits as the .onnx "
+               f"(max |diff| {r['max_abs_diff']:.1e}, top-1 agreement {100 * r['top1_agreement']:.0f}%)")
