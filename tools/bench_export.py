@@ -119,19 +119,26 @@ def sessions_for(paths: dict[str, Path], plain: Path, task: str, threads: int) -
             "_keep": adapter}
 
 
-def latency(sessions: dict, size: int, batch: int, repeats: int, clock=time.perf_counter) -> dict[str, dict]:
+def latency(sessions: dict, size: int, batch: int, repeats: int, clock=time.perf_counter,
+            inner: int = 5) -> dict[str, dict]:
     """Median and min seconds per graph, and the median over rounds of its time / the plain graph's time
-    in the same round (robust to slow drifts in what else the machine runs)."""
+    in the same round (robust to slow drifts in what else the machine runs). In a round each graph runs
+    ``inner`` times back to back and counts the median of those, so one scheduler hiccup does not decide
+    a round's ratio."""
     x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
     runs = {k: v for k, v in sessions.items() if not k.startswith("_")}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for sess, feeds, ro in runs.values():  # warm-up
-        sess.run(None, {"image": x, **feeds}, ro)
+        for _ in range(2):
+            sess.run(None, {"image": x, **feeds}, ro)
     for _ in range(repeats):
         for k, (sess, feeds, ro) in runs.items():
-            t = clock()
-            sess.run(None, {"image": x, **feeds}, ro)
-            times[k].append(clock() - t)
+            samples = []
+            for _ in range(inner):
+                t = clock()
+                sess.run(None, {"image": x, **feeds}, ro)
+                samples.append(clock() - t)
+            times[k].append(float(np.median(samples)))
     plain, base = np.array(times["plain"]), np.array(times["plain (no NCHWc)"])
     return {k: {"median_s": float(np.median(v)), "min_s": float(np.min(v)),
                 "x_plain": float(np.median(np.array(v) / plain)),
@@ -224,9 +231,9 @@ def bench_backbone(name: str, size: int, task_counts: list[int], args, workdir: 
         if n == max(task_counts):
             result["latency"] = {}
             sessions = sessions_for(paths, plain, tasks[0], args.threads)
-            for batch, reps in ((1, args.repeats), (32, max(3, args.repeats // 4))):
-                print(f"   latency at batch {batch} ({reps} rounds)...", flush=True)
-                result["latency"][batch] = latency(sessions, size, batch, reps, CLOCKS[args.clock])
+            for batch, reps, inner in ((1, args.repeats, 7), (32, max(3, args.repeats // 4), 3)):
+                print(f"   latency at batch {batch} ({reps} rounds x {inner} runs)...", flush=True)
+                result["latency"][batch] = latency(sessions, size, batch, reps, CLOCKS[args.clock], inner)
             del sessions
     result["seconds"] = time.time() - t0
     return result
@@ -276,7 +283,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall: elapsed time; cpu: process CPU time (use with --threads 1 on a busy machine)")
-    p.add_argument("--repeats", type=int, default=40, help="rounds at batch 1 (batch 32: a quarter, at least 3)")
+    p.add_argument("--repeats", type=int, default=20, help="rounds at batch 1 (batch 32: a quarter, at least 3)")
     p.add_argument("--out", default="bench-out/export.json")
     p.add_argument("--workdir", default=None, help="keep bundles and exports here (default: a temp dir)")
     args = p.parse_args(argv)
