@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench bench-report clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,26 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check pbexport tests tools
+
+# Every benchmark in sequence, then BENCHMARKS.md (tools/write_benchmarks.py). Results go to bench-out/.
+# Training, export, runtime and int8 take about 15 minutes on 2 cores; the accuracy benchmark runs last and
+# takes hours: 2 backbones x 2 datasets x 4 methods x 3 seeds, 10 epochs each; a cifar_resnet20 run takes
+# 3-6 minutes on 2 cores, a cifar_resnet56 run about 3x that: 5 to 8 hours in all (BENCHMARKS.md estimates
+# what is left from the runs that finished).
+# Finished accuracy runs are reused, so an interrupted `make bench` continues where it stopped.
+bench: setup
+	$(BIN)/python tools/bench_train.py
+	$(BIN)/python tools/bench_export.py
+	$(BIN)/python tools/bench_export.py --clock cpu --threads 1 --repeats 40 --out bench-out/export-cpu1.json
+	$(BIN)/python tools/bench_runtime.py
+	$(BIN)/python tools/bench_runtime.py --backbone resnet18 --input-size 64 --out bench-out/runtime-resnet18.json
+	$(BIN)/python tools/bench_int8.py --quiet
+	$(BIN)/python tools/bench_accuracy.py --quiet
+	$(BIN)/python tools/write_benchmarks.py
+
+# BENCHMARKS.md (and docs/img/) again from the results already in bench-out/, without measuring anything.
+bench-report: setup
+	$(BIN)/python tools/write_benchmarks.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .hypothesis

@@ -13,10 +13,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_backbone": "backbones",
     "list_backbones": "backbones",
-    "TrainConfig": "train",
-    "train": "train",
+    "TrainConfig": "training",
+    "train": "training",
     "load_run": "runs",
-    "evaluate": "train",
+    "evaluate": "training",
     "load_data": "data",
     "load_bundle": "bundle",
     "pack_runs": "bundle",

@@ -97,7 +97,7 @@ def backbones_cmd() -> None:
 @handle_errors
 def train_cmd(out, resume, quiet, **options) -> None:
     """Learn a task on a frozen backbone (or a baseline) into run directory --out."""
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     cfg = TrainConfig(**options)
     metrics = train(cfg, out, resume=resume, progress=not quiet)
@@ -117,7 +117,7 @@ def train_cmd(out, resume, quiet, **options) -> None:
 def eval_cmd(run_dir, data, weights, task, as_json) -> None:
     """Test accuracy of a trained run (or of a bundle's --task) on --data."""
     from .data import load_data
-    from .train import evaluate
+    from .training import evaluate
 
     run = _eval_target(run_dir, task, weights)
     task_data = load_data(data, run.backbone.spec.size)

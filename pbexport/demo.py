@@ -56,7 +56,7 @@ def run_demo(out: str | Path, epochs: int = 3, base_epochs: int = 4, progress: b
     from .export import main_export
     from .runtime import open_model
     from .synthetic import BASE_TASK, new_task_names
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     out = Path(out)
     _prepare(out)

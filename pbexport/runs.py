@@ -83,7 +83,7 @@ class RunDir:
         return info
 
     def config(self):
-        from .train import TrainConfig
+        from .training import TrainConfig
 
         return TrainConfig.from_dict(self.info()["config"])
 

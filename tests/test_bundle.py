@@ -38,7 +38,7 @@ from pbexport.bundle import (
 from pbexport.cli import cli
 from pbexport.data import load_data
 from pbexport.runs import load_run
-from pbexport.train import TrainConfig, predict_logits, train
+from pbexport.training import TrainConfig, predict_logits, train
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((REPO / "docs" / "manifest.schema.json").read_text())

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pbexport.bundle import CRASH_ENV, MANIFEST, load_bundle
-from pbexport.train import TrainConfig, train
+from pbexport.training import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork and SIGKILL")
 

@@ -23,7 +23,7 @@ from pbexport.backbones import build_architecture
 from pbexport.bundle import load_bundle, pack_runs
 from pbexport.export import main_export, verify_export
 from pbexport.export.verify import read_adapter
-from pbexport.train import TrainConfig, train
+from pbexport.training import TrainConfig, train
 
 # (task, classes, method, per-task BN): different class counts, one task with its own BN, one head-only
 TASKS = [("alpha", 3, "piggyback", True), ("beta", 5, "piggyback", False), ("gamma", 2, "classifier", False)]

@@ -7,7 +7,7 @@ import pytest
 
 from pbexport.bundle import pack_runs
 from pbexport.export import main_export
-from pbexport.train import TrainConfig, train
+from pbexport.training import TrainConfig, train
 
 
 def pbexport(*args):

@@ -30,7 +30,7 @@ from pbexport.bundle import load_bundle, pack_runs
 from pbexport.cli import main
 from pbexport.data import load_data, to_model_input
 from pbexport.export import main_export
-from pbexport.train import TrainConfig, train
+from pbexport.training import TrainConfig, train
 
 MODES = ("baked", "shared", "multitask")
 # (task, classes, method, per-task BN): different class counts, per-task BN, a head-only task

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from pbexport import PbexportError
 from pbexport.backbones import load_backbone
 from pbexport.runs import load_run
-from pbexport.train import TrainConfig, evaluate, train
+from pbexport.training import TrainConfig, evaluate, train
 
 ARCHS = [
     pytest.param("cifar_resnet20", id="cifar_resnet20"),

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pbexport.bundle import bundle_info, load_bundle, pack_runs  # noqa: E402
 from pbexport.export import main_export, verify_export  # noqa: E402
 from pbexport.report import format_table  # noqa: E402
-from pbexport.train import TrainConfig, train  # noqa: E402
+from pbexport.training import TrainConfig, train  # noqa: E402
 
 SHARED = Path(os.environ.get("PBEXPORT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TASKS = [("gtsrb", "gtsrb32.npz", "piggyback", True), ("mnist", "mnist28.npz", "piggyback", False),

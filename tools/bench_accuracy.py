@@ -1,6 +1,6 @@
 """Does a mask on a frozen backbone come close to fine-tuning? Measured with pbexport's defaults.
 
-Every (backbone, dataset, method, seed) is trained with `pbexport.train` on the same epoch budget
+Every (backbone, dataset, method, seed) is trained with `pbexport.training` on the same epoch budget
 and the same data; masks are packed into one bundle per backbone (which also gives the bytes each
 task adds). The base task (CIFAR-10) is evaluated from the original weights and from the bundle
 after all tasks were added: its logits must be bitwise identical.
@@ -31,7 +31,7 @@ from pbexport.bundle import load_bundle, pack_runs
 from pbexport.data import ImageSet
 from pbexport.report import format_table
 from pbexport.taskmodel import TaskModel
-from pbexport.train import TrainConfig, evaluate, predict_logits, train
+from pbexport.training import TrainConfig, evaluate, predict_logits, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 WEIGHTS = {"cifar_resnet20": SHARED / "resnet_cifar10" / "resnet20-12fca82f.th",

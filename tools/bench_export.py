@@ -44,7 +44,7 @@ TARGETS = {"baked": (1.03, 1.03), "shared": (1.03, 1.03), "multitask (adapter)":
 # ----------------------------------------------------------------------------- building
 def make_bundle(workdir: Path, backbone: str, size: int, n_tasks: int) -> Path:
     from pbexport.bundle import pack_runs
-    from pbexport.train import TrainConfig, train
+    from pbexport.training import TrainConfig, train
 
     runs = []
     rng = np.random.default_rng(0)

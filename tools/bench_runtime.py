@@ -50,7 +50,7 @@ def build_exports(workdir: Path, out: Path, backbone: str, size: int) -> None:
     """3 tiny tasks (2, 3, 4 classes; the first two piggyback + per-task BN, the third classifier-only)."""
     from pbexport.bundle import pack_runs
     from pbexport.export import main_export
-    from pbexport.train import TrainConfig, train
+    from pbexport.training import TrainConfig, train
 
     rng = np.random.default_rng(0)
     runs = []
@@ -263,7 +263,8 @@ def main(argv=None) -> int:
               f"task session +{(extra or 0) / 2**20:.1f} MiB")
 
     result = {"backbone": probe.backbone, "input_size": size, "batch": args.batch, "threads": args.threads,
-              "tasks": tasks, "runs_per_variant": {k: len(v) for k, v in times.items()},
+              "switches": args.switches, "rounds": args.rounds, "cold": args.cold, "tasks": tasks,
+              "runs_per_variant": {k: len(v) for k, v in times.items()},
               "median_ms": {k: 1e3 * v for k, v in med.items()},
               "cold_switch_ms": {k: 1e3 * v for k, v in cold.items()},
               "switch_cost_ms": switch, "feeding_cost_ms": feeding, "bookkeeping_us": bookkeeping, "memory": memory,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pbexport.backbones import load_backbone
 from pbexport.report import format_table
 from pbexport.taskmodel import build_task_model
-from pbexport.train import TrainConfig, make_optimizer
+from pbexport.training import TrainConfig, make_optimizer
 
 VARIANTS = [("classifier", False), ("piggyback", False), ("piggyback", True), ("finetune", False)]
 DEFAULT_SIZES = {"cifar_resnet20": 32, "resnet18": 112}
@@ -92,8 +92,8 @@ def main() -> None:
             print(f"goal piggyback step <= 1.3x finetune ({r['backbone']}, per-task BN {r['train_bn']}): "
                   f"{r['step_ratio_to_finetune']:.2f}x {ok}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "torch": torch.__version__,
-                                    "threads": torch.get_num_threads()}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                    "rounds": args.rounds, "steps": args.steps}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

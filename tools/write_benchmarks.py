@@ -1,0 +1,955 @@
+"""Write BENCHMARKS.md from the results of the benchmark scripts (what `make bench` leaves in bench-out/).
+
+Reads, under --results (default bench-out/):
+
+- train.json (tools/bench_train.py): training step time per method, ratio to fine-tuning;
+- export.json and any other export*.json (tools/bench_export.py): latency per export mode against the
+  plain backbone, disk for 1/3/10 tasks, session creation, resident memory;
+- runtime.json and any other runtime*.json (tools/bench_runtime.py): task switching per mode;
+- int8.json (tools/bench_int8.py): int8 size, accuracy and latency;
+- accuracy/ (tools/bench_accuracy.py): accuracy.json, or, while a run is still going, its finished run
+  directories; the per-backbone bundles it packed;
+
+and computes the storage figures from bundle files (stored bits vs entropy per task, and a 3-task
+cifar_resnet20 bundle packed from the accuracy runs into a temporary directory). Nothing is timed
+here. A figure with no result file is reported as not measured, never estimated; missing accuracy
+runs come with the training time they still need, estimated from the runs that finished.
+
+Writes --out (BENCHMARKS.md): a header (date, machine, library versions), a Goals table (every goal
+figure of the issues: measured value, target, met / MISSED, and for a miss why and what would close
+it), then one section per figure with its table and the command that reproduces it; plots go to
+--img-dir (docs/img/): the accuracy chart, per-layer mask density (`pbexport info BUNDLE --plot`)
+and export latency ratios.
+
+    python tools/write_benchmarks.py                       # bench-out/ -> BENCHMARKS.md, docs/img/
+    python tools/write_benchmarks.py --results other-out --out /tmp/B.md --img-dir /tmp/img
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+# the grid `make bench` runs with tools/bench_accuracy.py's defaults
+ACC_BACKBONES = ["cifar_resnet20", "cifar_resnet56"]
+ACC_DATASETS = ["gtsrb", "mnist"]
+ACC_VARIANTS = ["classifier", "piggyback", "piggyback-bn", "finetune"]
+ACC_SEEDS = [0, 1, 2]
+DEFAULT_RECIPE = "piggyback-bn"
+TRAIN_RATIO = 1.3
+BITS_SLOPE, BITS_OFFSET, BITS_MAX = 1.05, 0.01, 1.01
+EXPORT_TARGETS = {"baked": (1.03, 1.03), "shared": (1.03, 1.03), "multitask (adapter)": (1.5, 1.15),
+                  "multitask (inputs)": (1.5, 1.15)}
+INT8_RATIO, INT8_DROP = 3.0, 1.0
+GTSRB_OVER_CLASSIFIER = 20.0
+NOISE_FRACTION = 0.05  # a per-run median difference within 5% of the run is "not measurable" on this box
+
+
+# ----------------------------------------------------------------------------- helpers
+@dataclass
+class Goal:
+    area: str
+    goal: str
+    target: str
+    measured: str
+    status: str  # met, MISSED, not measured, reported
+    note: str = ""
+
+
+def f(v, spec: str = ".2f") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return format(v, spec)
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def table(headers: list[str], rows: list[list], spec: str = ".2f") -> str:
+    right = [all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool) or r[i] is None for r in rows)
+             for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+    lines += ["| " + " | ".join(f(v, spec).replace("|", "/") for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def status(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("met" if ok else "MISSED")
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def mtime(path: Path) -> str:
+    return dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+
+
+def rel(path: Path, base: Path) -> str:
+    return os.path.relpath(path, base).replace(os.sep, "/")
+
+
+def code(cmd: str) -> str:
+    return f"```bash\n{cmd}\n```"
+
+
+# ----------------------------------------------------------------------------- machine
+def machine() -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = None
+    try:
+        kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
+        mem = kb / 2**20
+    except (OSError, StopIteration):
+        pass
+    # what `nproc` prints without OMP_NUM_THREADS (which nproc honours, and the benchmarks may set to 1)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT")}
+    try:
+        nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True, env=env).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        nproc = str(len(os.sched_getaffinity(0)))
+    versions = {"python": platform.python_version()}
+    for pkg in ("pbexport", "torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    return {"date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "nproc": nproc, "cpu": cpu,
+            "memory_gib": mem, "os": platform.platform(), "versions": versions,
+            "loadavg": os.getloadavg()}
+
+
+# ----------------------------------------------------------------------------- training
+def section_train(results: Path) -> tuple[str, list[Goal]]:
+    path = results / "train.json"
+    d = read_json(path)
+    goal = "piggyback step time / fine-tune step time"
+    if d is None:
+        return ("## Training throughput\n\nNot measured: no `train.json`. Run `python tools/bench_train.py`.\n",
+                [Goal("training", goal, f"<= {TRAIN_RATIO}x", "-", "not measured", "run tools/bench_train.py")])
+    rows = d["rows"]
+    backbones = list(dict.fromkeys(r["backbone"] for r in rows))
+    batch = rows[0]["batch_size"]
+    extra = "".join(f" --{k} {d[k]}" for k in ("rounds", "steps") if k in d)
+    sizes = sorted({r["input_size"] for r in rows})
+    size_arg = f" --input-size {sizes[0]}" if sizes != sorted({32 if "cifar" in b else 112 for b in backbones}) else ""
+    cmd = f"python tools/bench_train.py --backbones {' '.join(backbones)} --batch-size {batch}{size_arg}{extra}"
+    text = ["## Training throughput",
+            "",
+            f"One training step (forward, backward, Adam) per method on random images, timed in interleaved rounds "
+            f"so machine noise hits every method alike; medians; ratios to fine-tuning from the same run. "
+            f"torch {d.get('torch', '?')}, {d.get('threads', '?')} threads; measured {mtime(path)}.",
+            "",
+            table(["backbone", "input", "batch", "method", "per-task BN", "step ms", "images/s", "step / finetune"],
+                  [[r["backbone"], r["input_size"], r["batch_size"], r["method"], r["train_bn"], r["step_ms"],
+                    r["images_per_second"], r["step_ratio_to_finetune"]] for r in rows]),
+            "", code(cmd), ""]
+    goals = []
+    for r in rows:
+        if r["method"] != "piggyback":
+            continue
+        ratio = r["step_ratio_to_finetune"]
+        ok = ratio <= TRAIN_RATIO
+        note = "" if ok else ("the masked forward computes W * mask for every weight and the backward the score "
+                              "gradient; a fused mask multiply (torch.compile) or larger batches would amortize it")
+        recipe = "default recipe, per-task BN" if r["train_bn"] else "BN frozen"
+        goals.append(Goal("training", f"{goal} ({r['backbone']} @{r['input_size']}, {recipe})",
+                          f"<= {TRAIN_RATIO}x", f"{ratio:.2f}x ({r['step_ms']:.1f} ms vs fine-tune)", status(ok), note))
+    return "\n".join(text), goals
+
+
+# ----------------------------------------------------------------------------- accuracy: collecting runs
+RUN_DIR = re.compile(r"^(?P<variant>[a-z-]+)-s(?P<seed>\d+)$")
+
+
+def _run_wall_seconds(run: Path, metrics: dict) -> float:
+    train_s = sum(e.get("seconds", 0.0) for e in metrics.get("epochs", []))
+    try:
+        wall = (run / "metrics.json").stat().st_mtime - (run / "config.json").stat().st_mtime
+    except OSError:
+        wall = 0.0
+    # config.json -> metrics.json includes evaluation; an interrupted-and-resumed run would inflate it
+    return wall if 0 < wall < 2 * train_s + 600 else train_s
+
+
+def collect_accuracy(acc_dir: Path) -> tuple[dict, dict | None, dict]:
+    """cells[(backbone, dataset, variant, seed)] = row; the accuracy.json (or None); partial runs."""
+    data = read_json(acc_dir / "accuracy.json")
+    cells: dict = {}
+    if data:
+        for r in data["rows"]:
+            cells[(r["backbone"], r["dataset"], r["variant"], r["seed"])] = dict(r, source="accuracy.json")
+    partial = {}
+    for run in sorted((acc_dir / "runs").glob("*/*/*")):
+        m = RUN_DIR.match(run.name)
+        if not m or not run.is_dir():
+            continue
+        key = (run.parent.parent.name, run.parent.name, m["variant"], int(m["seed"]))
+        metrics = read_json(run / "metrics.json")
+        config = (read_json(run / "config.json") or {}).get("config", {})
+        if metrics is None:
+            marks = sorted((run / "checkpoints").glob("epoch-*.json"))
+            per_epoch = None
+            if marks and (run / "config.json").exists():
+                per_epoch = (marks[-1].stat().st_mtime - (run / "config.json").stat().st_mtime) / len(marks)
+            partial[key] = {"backbone": key[0], "dataset": key[1], "variant": key[2], "seed": key[3],
+                            "epochs_done": len(marks), "epochs": config.get("epochs"),
+                            "wall_seconds": per_epoch * config["epochs"] if per_epoch and config.get("epochs")
+                            else None}
+            continue
+        wall = _run_wall_seconds(run, metrics)
+        if key in cells:
+            cells[key].setdefault("wall_seconds", wall)
+            cells[key].setdefault("epochs", config.get("epochs"))
+            cells[key].setdefault("max_train_samples", config.get("max_train_samples"))
+            continue
+        cells[key] = {"backbone": key[0], "dataset": key[1], "variant": key[2], "seed": key[3], "run": str(run),
+                      "test_accuracy": metrics["test_accuracy"], "mask_density": metrics.get("mask_density"),
+                      "train_seconds": sum(e.get("seconds", 0.0) for e in metrics.get("epochs", [])),
+                      "wall_seconds": wall, "epochs": config.get("epochs"),
+                      "max_train_samples": config.get("max_train_samples"), "source": "run directory"}
+    return cells, data, partial
+
+
+def _depth(backbone: str) -> float | None:
+    m = re.fullmatch(r"cifar_resnet(\d+)", backbone)
+    return (int(m[1]) - 2) / 6 if m else None  # residual blocks per stage: cost scales with it
+
+
+def estimate_seconds(cells: dict, backbone: str, dataset: str, variant: str) -> float | None:
+    """Wall seconds one run of (backbone, dataset, variant) needs, from the finished runs (and the epochs
+    that runs in progress finished)."""
+    def cost(r):
+        return r.get("wall_seconds") or r.get("train_seconds") or 0.0
+
+    def scaled(r):
+        a, b = _depth(backbone), _depth(r["backbone"])
+        return cost(r) * a / b if a and b else None
+
+    for match in (lambda r: (r["backbone"], r["dataset"], r["variant"]) == (backbone, dataset, variant),
+                  lambda r: (r["backbone"], r["variant"]) == (backbone, variant),
+                  lambda r: r["backbone"] == backbone,
+                  lambda r: (r["dataset"], r["variant"]) == (dataset, variant),
+                  lambda r: r["variant"] == variant,
+                  lambda r: True):
+        vals = [scaled(r) if r["backbone"] != backbone else cost(r) for r in cells.values() if match(r)]
+        vals = [v for v in vals if v]
+        if vals:
+            return statistics.mean(vals)
+    return None
+
+
+def hours(seconds: float | None) -> str:
+    if seconds is None:
+        return "needs an unknown number of CPU hours (no finished run to estimate from)"
+    h = seconds / 3600
+    return f"needs ~{h:.1f} more CPU hours" if h >= 1 else f"needs ~{h:.2f} more CPU hours ({seconds / 60:.0f} min)"
+
+
+# ----------------------------------------------------------------------------- accuracy
+def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: dict) -> tuple[str, list[Goal], dict]:
+    acc_dir = results / "accuracy"
+    cells, data, partial = collect_accuracy(acc_dir)
+    backbones = list(dict.fromkeys(ACC_BACKBONES + [k[0] for k in cells]))
+    datasets = list(dict.fromkeys(ACC_DATASETS + [k[1] for k in cells]))
+    variants = list(dict.fromkeys(ACC_VARIANTS + [k[2] for k in cells]))
+    seeds = sorted(set(ACC_SEEDS) | {k[3] for k in cells})
+    cores = machine_info["nproc"]
+    unit = (f"CPU hours are wall hours of training on this {cores}-core machine, estimated from the finished runs "
+            "and the finished epochs of runs in progress")
+    known = {**{k: v for k, v in partial.items() if v.get("wall_seconds")}, **cells}
+
+    # what is missing, and what it still costs
+    missing, remaining = [], 0.0
+    unknown = False
+    for b in backbones:
+        for d in datasets:
+            for v in variants:
+                todo = [s for s in seeds if (b, d, v, s) not in cells]
+                if not todo:
+                    continue
+                per = estimate_seconds(known, b, d, v)
+                frac = sum(1 - (partial[(b, d, v, s)]["epochs_done"] / (partial[(b, d, v, s)]["epochs"] or 1))
+                           if (b, d, v, s) in partial else 1.0 for s in todo)
+                need = None if per is None else per * frac
+                unknown |= need is None
+                remaining += need or 0.0
+                missing.append([b, d, v, ", ".join(map(str, todo)),
+                                "; ".join(f"seed {s}: epoch {partial[(b, d, v, s)]['epochs_done']}/"
+                                          f"{partial[(b, d, v, s)]['epochs'] or '?'} done"
+                                          for s in todo if (b, d, v, s) in partial) or "-",
+                                hours(need)])
+    done_seconds = sum(r.get("wall_seconds") or r.get("train_seconds") or 0.0 for r in cells.values())
+
+    # summaries
+    def accs(b, d, v):
+        return [100 * cells[(b, d, v, s)]["test_accuracy"] for s in seeds if (b, d, v, s) in cells]
+
+    summary = []
+    for b in backbones:
+        for d in datasets:
+            ft = accs(b, d, "finetune")
+            cl = accs(b, d, "classifier")
+            for v in variants:
+                a = accs(b, d, v)
+                if not a:
+                    continue
+                rs = [cells[(b, d, v, s)] for s in seeds if (b, d, v, s) in cells]
+                bits = [r["stored_bits_per_param"] for r in rs if r.get("stored_bits_per_param") is not None]
+                dens = [r["mask_density"] for r in rs if r.get("mask_density") is not None]
+                by = [r["bytes_per_task"] for r in rs if r.get("bytes_per_task") is not None]
+                summary.append({
+                    "backbone": b, "dataset": d, "variant": v, "seeds": len(a), "mean": statistics.mean(a),
+                    "std": statistics.pstdev(a) if len(a) > 1 else 0.0,
+                    "ft_lead": statistics.mean(ft) - statistics.mean(a) if ft and v != "finetune" else None,
+                    "over_classifier": statistics.mean(a) - statistics.mean(cl) if cl and v != "classifier" else None,
+                    "bytes": int(statistics.mean(by)) if by else None,
+                    "bits": statistics.mean(bits) if bits else None, "density": statistics.mean(dens) if dens else None,
+                    "minutes": statistics.mean((r.get("wall_seconds") or r.get("train_seconds") or 0) / 60
+                                               for r in rs)})
+
+    # budget actually used
+    epochs = sorted({r.get("epochs") for r in cells.values() if r.get("epochs")} |
+                    ({data["epochs"]} if data and data.get("epochs") else set()))
+    samples = sorted({str(r.get("max_train_samples") or "all") for r in cells.values()})
+    text = ["## Accuracy (real data)",
+            "",
+            "Every (backbone, dataset, method, seed) trained with `pbexport.training` on the same budget; test top-1 "
+            "on the real test sets (GTSRB 3,000 images, MNIST 2,000). `piggyback-bn` is pbexport's default recipe "
+            "(mask + head + per-task BN); `piggyback` keeps the backbone's BN; `classifier` trains the head only; "
+            "`finetune` trains every weight. \"fine-tune lead\" = fine-tune mean minus this method's mean (the goal "
+            "wants it <= 0 for piggyback-bn); \"over classifier\" = this mean minus classifier-only's.",
+            ""]
+    if cells:
+        live = any(r["source"] != "accuracy.json" for r in cells.values())
+        sources = ([f"`accuracy.json` ({mtime(acc_dir / 'accuracy.json')})"] if data else []) + (
+            ["the finished run directories of a run still in progress"] if live else [])
+        text.append(f"Budget: {', '.join(map(str, epochs)) or '?'} epochs, train images per task: "
+                    f"{', '.join(samples)} (`all` = the whole train split: 12,000 for both datasets), batch 64. "
+                    f"Results from {' and '.join(sources)}.")
+        text += ["", table(["backbone", "dataset", "method", "seeds", "test top-1 %", "± std", "fine-tune lead",
+                            "over classifier", "bytes/task", "stored bits/param", "mask density", "minutes/run"],
+                           [[s["backbone"], s["dataset"], s["variant"], f"{s['seeds']}/{len(seeds)}", s["mean"],
+                             s["std"], s["ft_lead"], s["over_classifier"], s["bytes"], s["bits"], s["density"],
+                             s["minutes"]] for s in summary]), ""]
+    else:
+        text += ["No accuracy result yet.", ""]
+    if missing:
+        text += [f"Not measured yet ({unit}; in total {'at least ' if unknown else ''}"
+                 f"~{remaining / 3600:.1f} hours more, {done_seconds / 3600:.1f} hours spent so far):", "",
+                 table(["backbone", "dataset", "method", "seeds missing", "state", "reason"], missing), ""]
+    base = (data or {}).get("base_task", {})
+    for b, r in base.items():
+        text.append(f"- Base task (CIFAR-10, 2,000 test images) on {b}: original weights {100 * r['original']:.2f}%, "
+                    f"the bundle's backbone after adding every task {100 * r['bundle']:.2f}%, logits bitwise "
+                    f"identical: **{r['bitwise_identical']}**.")
+    if base:
+        text.append("")
+
+    # plots
+    plots = []
+    png = acc_dir / "accuracy.png"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    target = img_dir / "accuracy.png"
+    json_covers = data is not None and all(r["source"] == "accuracy.json" for r in cells.values())
+    if png.exists() and json_covers:
+        shutil.copyfile(png, target)
+        plots.append(target)
+    elif summary:
+        _plot_accuracy(summary, target)
+        plots.append(target)
+    for t in plots:
+        text += [f"![test accuracy per backbone, dataset and method]({rel(t, out_dir)})", ""]
+    if (acc_dir / "bundles").exists():
+        text += ["Per-layer mask density of these tasks: see the storage section.", ""]
+    text.append(code("python tools/bench_accuracy.py            # every backbone, dataset, method and seed "
+                     "(hours: see above)\n"
+                     "python tools/bench_accuracy.py --backbones cifar_resnet20 --seeds 0   # one backbone, one seed"))
+
+    # goals
+    goals = []
+    for b in backbones:
+        for d in datasets:
+            pb, ft = accs(b, d, DEFAULT_RECIPE), accs(b, d, "finetune")
+            name = f"{DEFAULT_RECIPE} vs fine-tune, {b} on {d}: fine-tune lead (mean over seeds)"
+            if not pb or not ft:
+                need = sum(estimate_seconds(known, b, d, v) or 0.0
+                           for v in (DEFAULT_RECIPE, "finetune") for s in seeds if (b, d, v, s) not in cells)
+                goals.append(Goal("accuracy", name, "<= 0 points", "-", "not measured", hours(need or None)))
+                continue
+            lead = statistics.mean(ft) - statistics.mean(pb)
+            n = min(len(pb), len(ft))
+            measured = (f"{lead:+.2f} ({statistics.mean(pb):.2f}% vs {statistics.mean(ft):.2f}%, "
+                        f"{n}/{len(seeds)} seeds)")
+            note = "" if lead <= 0 else (
+                f"fine-tuning ahead by {lead:.2f} points on this budget; untested candidates to close it: a longer "
+                "schedule (10 epochs is the 2-core calibration budget, the paper trains 30), a tuned mask lr")
+            if n < len(seeds):
+                note = (note + "; " if note else "") + f"provisional: {len(seeds) - n} seed(s) missing"
+            goals.append(Goal("accuracy", name, "<= 0 points", measured, status(lead <= 0), note))
+        pb, cl = accs(b, "gtsrb", DEFAULT_RECIPE), accs(b, "gtsrb", "classifier")
+        name = f"{DEFAULT_RECIPE} over classifier-only, {b} on GTSRB"
+        if pb and cl:
+            gain = statistics.mean(pb) - statistics.mean(cl)
+            goals.append(Goal("accuracy", name, f">= {GTSRB_OVER_CLASSIFIER:g} points",
+                              f"{gain:+.2f} ({min(len(pb), len(cl))}/{len(seeds)} seeds)",
+                              status(gain >= GTSRB_OVER_CLASSIFIER),
+                              "" if gain >= GTSRB_OVER_CLASSIFIER else "the mask did not learn enough on this budget"))
+        else:
+            need = sum(estimate_seconds(known, b, "gtsrb", v) or 0.0
+                       for v in (DEFAULT_RECIPE, "classifier") for s in seeds if (b, "gtsrb", v, s) not in cells)
+            goals.append(Goal("accuracy", name, f">= {GTSRB_OVER_CLASSIFIER:g} points", "-", "not measured",
+                              hours(need or None)))
+    full = sum(1 for k in cells if k[0] in ACC_BACKBONES and k[1] in ACC_DATASETS and k[2] in ACC_VARIANTS
+               and k[3] in ACC_SEEDS)
+    grid = len(ACC_BACKBONES) * len(ACC_DATASETS) * len(ACC_VARIANTS) * len(ACC_SEEDS)
+    goals.append(Goal("accuracy", f"{len(ACC_SEEDS)} seeds for every backbone, dataset and method", f"{grid} runs",
+                      f"{full}/{grid} runs", "met" if full == grid else "not measured",
+                      "" if full == grid else hours(remaining if not unknown else None) + " (`make bench`)"))
+    for b in backbones:
+        r = base.get(b)
+        goals.append(Goal("accuracy", f"base task (CIFAR-10) bitwise unchanged after packing, {b}",
+                          "identical logits", "-" if r is None else f"bitwise identical: {r['bitwise_identical']}",
+                          status(None if r is None else r["bitwise_identical"]),
+                          "" if r else "checked by bench_accuracy.py once every run of the backbone finished"))
+    return "\n".join(text) + "\n", goals, cells
+
+
+def _plot_accuracy(summary: list[dict], path: Path) -> None:
+    """The same chart as tools/bench_accuracy.py draws, from partial results."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_accuracy import plot
+
+    plot([{"backbone": s["backbone"], "dataset": s["dataset"], "variant": s["variant"], "accuracy_mean": s["mean"],
+           "accuracy_std": s["std"]} for s in summary], path)
+
+
+def density_plot(bundle: Path, png: Path) -> Path | None:
+    """`pbexport info BUNDLE --plot PNG` (the CLI), None when it fails (no masked task, damaged bundle)."""
+    if not (bundle / "manifest.json").exists():
+        return None
+    exe = Path(sys.executable).parent / "pbexport"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pbexport"]
+    png.parent.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run([*cmd, "info", str(bundle), "--plot", str(png)], capture_output=True, text=True)
+    return png if out.returncode == 0 and png.exists() else None
+
+
+# ----------------------------------------------------------------------------- storage
+def bundle_rows(info: dict) -> list[dict]:
+    rows = []
+    for name, t in info["tasks"].items():
+        h = t["entropy_bits_per_param"]
+        bound = None if h is None or not t["masked_params"] else BITS_SLOPE * h + BITS_OFFSET
+        stored = t["stored_bits_per_param"] if t["masked_params"] else None
+        ok = None if stored is None else (stored <= bound and stored <= BITS_MAX)
+        rows.append({"task": name, "method": t["method"], "train_bn": t["train_bn"], "density": t["density"],
+                     "stored": stored, "entropy": h if t["masked_params"] else None, "bound": bound, "ok": ok,
+                     "size": t["size"], "mask_bytes": t["mask_bytes"], "param_bytes": t["param_bytes"],
+                     "header": t["size"] - t["mask_bytes"] - t["param_bytes"]})
+    return rows
+
+
+def three_task_bundle(cells: dict) -> tuple[dict | None, list[str], str]:
+    """Pack 3 finished cifar_resnet20 mask runs into a temporary bundle; (info, task names, why not)."""
+    order = {DEFAULT_RECIPE: 0, "piggyback": 1}
+    runs = sorted((r for k, r in cells.items() if k[0] == "cifar_resnet20" and k[2] in order and r.get("run")
+                   and (Path(r["run"]) / "metrics.json").exists()),
+                  key=lambda r: (order[r["variant"]], r["seed"], r["dataset"]))[:3]
+    if len(runs) < 3:
+        return None, [], f"only {len(runs)} finished cifar_resnet20 mask runs under bench-out/accuracy/runs"
+    from pbexport import load_bundle, pack_runs
+
+    with tempfile.TemporaryDirectory(prefix="bench-3task-") as tmp:
+        pack_runs([r["run"] for r in runs], Path(tmp) / "bundle")
+        info = load_bundle(Path(tmp) / "bundle").info()
+    return info, [r["run"] for r in runs], ""
+
+
+def _budget(info: dict) -> int:
+    """Backbone file + per task: 1 bit per masked parameter (masked tasks) + its dense tensors (head, BN)."""
+    masked = info["backbone"]["masked_params"]
+    return info["backbone"]["size"] + sum((math.ceil(masked / 8) if t["masked_params"] else 0) + t["param_bytes"]
+                                          for t in info["tasks"].values())
+
+
+def section_storage(results: Path, cells: dict, img_dir: Path, out_dir: Path) -> tuple[str, list[Goal]]:
+    bundles = [b for b in sorted((results / "accuracy" / "bundles").glob("*")) + sorted(results.glob("int8/bundle-*"))
+               if (b / "manifest.json").exists()]
+    text = ["## Storage: stored mask bits vs entropy",
+            "",
+            "Read from the bundle files with `pbexport.load_bundle(path).info()`: per task, stored mask bits per "
+            f"masked parameter against the masks' Shannon entropy H (per tensor, from its density) and the bound "
+            f"{BITS_SLOPE} x H + {BITS_OFFSET} (also never above {BITS_MAX} bits); the task file split into masks, "
+            "dense tensors (head + per-task BN) and header.",
+            ""]
+    goals = []
+    if not bundles:
+        text += [f"Not measured: no bundle under `{results}/accuracy/bundles/` or `{results}/int8/`.", ""]
+        goals.append(Goal("storage", f"stored bits/param <= {BITS_SLOPE} x H + {BITS_OFFSET} and <= {BITS_MAX}",
+                          "every masked task", "-", "not measured", "run bench_accuracy.py or bench_int8.py"))
+    from pbexport import load_bundle
+
+    for b in bundles:
+        try:
+            info = load_bundle(b).info()
+        except Exception as exc:  # a bundle being rewritten, or damaged: report, do not guess
+            text += [f"`{b}`: cannot be read ({exc}).", ""]
+            continue
+        rows = bundle_rows(info)
+        origin = "bench_accuracy.py" if "accuracy" in b.parts else "bench_int8.py"
+        text += [f"### {info['backbone']['name']}: `{b}` ({origin}, {mtime(b / 'manifest.json')})", "",
+                 f"Backbone file {info['backbone']['size']:,} B, {info['backbone']['masked_params']:,} masked "
+                 f"parameters (1 bit each = {math.ceil(info['backbone']['masked_params'] / 8):,} B); manifest "
+                 f"{info['manifest_size']:,} B; bundle total {info['total_size']:,} B against backbone + "
+                 f"{len(rows)} x (1 bit per masked parameter + head + BN) = {_budget(info):,} B "
+                 f"({'within' if info['total_size'] <= _budget(info) else 'OVER'}).", "",
+                 table(["task", "method", "per-task BN", "density", "stored bits/param", "entropy bits/param",
+                        f"{BITS_SLOPE}H+{BITS_OFFSET}", "within bound", "file B", "masks B", "head+BN B", "header B"],
+                       [[r["task"], r["method"], r["train_bn"], r["density"], r["stored"], r["entropy"], r["bound"],
+                         "-" if r["ok"] is None else ("yes" if r["ok"] else "NO"), r["size"], r["mask_bytes"],
+                         r["param_bytes"], r["header"]] for r in rows], spec=".4f"), ""]
+        png = density_plot(b, img_dir / f"mask-density-{b.parent.name if origin == 'bench_int8.py' else 'accuracy'}-"
+                                     f"{info['backbone']['name']}.png")
+        if png:
+            text += [f"Per-layer mask density (`pbexport info {b} --plot {rel(png, out_dir)}`):", "",
+                     f"![per-layer mask density, {info['backbone']['name']}]({rel(png, out_dir)})", ""]
+        masked = [r for r in rows if r["ok"] is not None]
+        if masked:
+            worst = max(masked, key=lambda r: r["stored"] - r["bound"])
+            top = max(r["stored"] for r in masked)
+            ok = all(r["ok"] for r in masked)
+            goals.append(Goal("storage", f"stored bits/param <= {BITS_SLOPE} x H + {BITS_OFFSET} and <= {BITS_MAX}, "
+                                         f"{info['backbone']['name']} bundle ({origin}, {len(masked)} masked tasks)",
+                              "every masked task",
+                              f"closest: {worst['task']} {worst['stored']:.4f} vs bound {worst['bound']:.4f}; "
+                              f"max {top:.4f} bits", status(ok),
+                              "" if ok else "a mask tensor the per-tensor codecs (raw, Rice, zstd) cannot code "
+                                            "near its entropy; see tools/measure_codecs.py"))
+    # the 3-task budget
+    goal = "3-task cifar_resnet20 bundle <= backbone + 3 x (1 bit/masked param + head + BN)"
+    info, runs, why = three_task_bundle(cells)
+    text += ["### 3-task cifar_resnet20 bundle", ""]
+    if info is None:
+        text += [f"Not measured: {why}.", ""]
+        goals.append(Goal("storage", goal, "total <= budget", "-", "not measured",
+                          why + "; comes with bench_accuracy.py's cifar_resnet20 runs"))
+    else:
+        budget = _budget(info)
+        total = info["total_size"]
+        text += ["Packed by this script into a temporary bundle from 3 finished accuracy runs "
+                 f"({', '.join(f'`{r}`' for r in runs)}); the bundle total includes the manifest.", "",
+                 table(["backbone B", "tasks B", "manifest B", "bundle total B", "budget B", "spare B", "met"],
+                       [[info["backbone"]["size"], sum(t["size"] for t in info["tasks"].values()),
+                         info["manifest_size"], total, budget, budget - total,
+                         "yes" if total <= budget else "NO"]]), ""]
+        goals.append(Goal("storage", goal, "total <= budget", f"{total:,} B vs {budget:,} B "
+                          f"({budget - total:+,} B spare)", status(total <= budget),
+                          "" if total <= budget else "task headers or a mask coded above 1 bit/param"))
+    text.append(code("python tools/bench_accuracy.py      # writes bench-out/accuracy/bundles/<backbone>\n"
+                     "python tools/bench_int8.py          # writes bench-out/int8/bundle-cifar_resnet56\n"
+                     "pbexport info BUNDLE                # the same figures per task and per layer\n"
+                     "python tools/write_benchmarks.py    # this table and the 3-task bundle"))
+    return "\n".join(text) + "\n", goals
+
+
+# ----------------------------------------------------------------------------- export
+def export_command(path: Path, d: dict) -> str:
+    r = d["results"]
+    tasks = sorted(int(n) for n in r[0]["by_tasks"])
+    return (f"python tools/bench_export.py --backbones {' '.join(x['backbone'] for x in r)} "
+            f"--sizes {' '.join(str(x['input_size']) for x in r)} --tasks {' '.join(map(str, tasks))} "
+            f"--threads {d['threads']} --clock {d['clock']} --repeats {d['repeats']} --out {path}")
+
+
+def export_plot(files: list[tuple[Path, dict]], png: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    modes = ["baked", "shared", "multitask (adapter)", "multitask (inputs)"]
+    grid = [[(p, d, r) for r in d["results"] if r.get("latency")] for p, d in files]
+    grid = [row for row in grid if row]
+    if not grid:
+        return None
+    cols = max(len(row) for row in grid)
+    fig, axes = plt.subplots(len(grid), cols, figsize=(4.6 * cols, 3.4 * len(grid)), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    panels = [(axes[i][j], *cell) for i, row in enumerate(grid) for j, cell in enumerate(row)]
+    for ax, p, d, r in panels:
+        ax.set_visible(True)
+        lat = r["latency"]
+        x = range(len(modes))
+        for i, batch in enumerate(sorted(lat, key=int)):
+            vals = [lat[batch][m]["x_plain"] if m in lat[batch] else 0 for m in modes]
+            ax.bar([j + 0.38 * i for j in x], vals, 0.38, label=f"batch {batch}")
+        ax.axhline(1.0, color="black", lw=0.8)
+        for j, m in enumerate(modes):
+            for i, t in enumerate(EXPORT_TARGETS[m]):
+                ax.plot([j + 0.38 * i - 0.19, j + 0.38 * i + 0.19], [t, t], color="red", lw=1.2)
+        ax.set_xticks([j + 0.19 for j in x], [m.replace(" (", "\n(") for m in modes], fontsize=7)
+        ax.set_ylabel("latency / plain backbone")
+        ax.set_title(f"{r['backbone']} @{r['input_size']}: {p.name}, {d['clock']} clock, {d['threads']} thread(s)",
+                     fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle("export latency vs the plain backbone graph (red: goal)", fontsize=9)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def section_export(results: Path, img_dir: Path, out_dir: Path) -> tuple[str, list[Goal]]:
+    files = [(p, read_json(p)) for p in [results / "export.json",
+                                          *sorted(q for q in results.glob("export*.json") if q.name != "export.json")]]
+    files = [(p, d) for p, d in files if d and d.get("results")]
+    text = ["## Export: latency, disk, session creation and memory per mode",
+            "",
+            "Per backbone: tiny tasks (1 step on random images) packed and exported in the three modes plus the plain "
+            "backbone graph. Latency: onnxruntime on the CPU, every session created up front and run round-robin in "
+            "interleaved rounds; median per graph, and \"x plain\" = median over rounds of (graph time / plain graph "
+            "time in the same round). \"x no-NCHWc\" compares with the plain graph run without onnxruntime's NCHWc "
+            "convolutions (the kernels the multitask graph can use). Disk: bytes on disk of each mode's files. Memory "
+            "and session creation: each mode's N tasks loaded at once in a fresh process.",
+            ""]
+    goals = []
+    if not files:
+        text += ["Not measured: no `export.json`.", "", code("python tools/bench_export.py")]
+        for mode in ("baked", "shared", "multitask"):
+            goals.append(Goal("export", f"{mode} latency vs plain", "-", "-", "not measured", "run bench_export.py"))
+        goals.append(Goal("export", "shared-mode disk for 10 tasks", "-", "-", "not measured", "run bench_export.py"))
+        return "\n".join(text) + "\n", goals
+    primary = files[0]
+    secondary = {}  # backbone -> latency of the other files, quoted next to the primary's
+    for p, d in files:
+        text += [f"### `{p.name}`: {d['threads']} thread(s), {d['clock']} clock, {d['repeats']} rounds at batch 1 "
+                 f"(measured {mtime(p)}, load average {' '.join(f'{x:.2f}' for x in d.get('loadavg', []))})", ""]
+        for r in d["results"]:
+            text += [f"**{r['backbone']} @{r['input_size']}**: {r['masked_params']:,} masked parameters, plain graph "
+                     f"{r['plain_bytes']:,} B.", ""]
+            lat = r.get("latency")
+            if lat:
+                if p != primary[0]:
+                    secondary.setdefault(r["backbone"], []).append((p, d, lat))
+                rows = []
+                for mode in lat["1"]:
+                    b1, b32 = lat["1"][mode], lat.get("32", {}).get(mode)
+                    t = EXPORT_TARGETS.get(mode)
+                    met = "-" if t is None or b32 is None else (
+                        "yes" if b1["x_plain"] <= t[0] and b32["x_plain"] <= t[1] else "NO")
+                    rows.append([mode, 1e3 * b1["median_s"], b1["x_plain"], b1["x_plain_no_nchwc"],
+                                 None if b32 is None else 1e3 * b32["median_s"],
+                                 None if b32 is None else b32["x_plain"],
+                                 None if b32 is None else b32["x_plain_no_nchwc"],
+                                 "-" if t is None else f"{t[0]} / {t[1]}", met])
+                text += [table(["graph", "b1 ms", "b1 x plain", "b1 x no-NCHWc", "b32 ms", "b32 x plain",
+                                "b32 x no-NCHWc", "target b1 / b32", "met"], rows, spec=".3f"), ""]
+            rows, mem = [], []
+            for n, e in sorted(r["by_tasks"].items(), key=lambda kv: int(kv[0])):
+                dk = e["disk"]
+                rows.append([int(n), dk["baked"], dk["shared"], dk["multitask"], int(e["shared_bound"]),
+                             "yes" if dk["shared"] <= e["shared_bound"] else "NO", e["head_bytes"]])
+                for mode, m in e["memory"].items():
+                    first = m["create_s"][0]
+                    per = m["create_s"][1:] if mode == "multitask" else m["create_s"]
+                    mem.append([int(n), mode, m["rss_bytes"] / 2**20, 1e3 * first,
+                                1e3 * statistics.median(per) if per else None, 1e3 * sum(m["create_s"])])
+            text += ["Disk (bytes; shared bound = backbone data + N x 1.1 bit per masked parameter + the tasks' heads "
+                     "and BN):", "",
+                     table(["tasks", "baked B", "shared B", "multitask B", "shared bound B", "shared <= bound",
+                            "heads + BN B"], rows), "",
+                     "Session creation and resident memory with all N tasks loaded (multitask: one session, then one "
+                     "adapter per task):", "",
+                     table(["tasks", "mode", "RSS MiB", "first session ms", "median per task ms",
+                            "total load ms"], mem, spec=".1f"), ""]
+        text += [code(export_command(p, d)), ""]
+    png = export_plot(files, img_dir / "export-latency.png")
+    if png:
+        text += [f"![export latency ratios]({rel(png, out_dir)})", ""]
+
+    # goals, from the primary file; the other files' values quoted
+    p, d = primary
+    for r in d["results"]:
+        lat = r.get("latency")
+        b = r["backbone"]
+        if not lat or "32" not in lat:
+            continue
+        for mode in ("baked", "shared", "multitask (adapter)"):
+            t = EXPORT_TARGETS[mode]
+            b1, b32 = lat["1"][mode]["x_plain"], lat["32"][mode]["x_plain"]
+            ok = b1 <= t[0] and b32 <= t[1]
+            measured = f"{b1:.2f} / {b32:.2f} ({d['clock']} clock, {d['threads']} thr)"
+            for q, dq, lq in secondary.get(b, []):
+                if mode in lq.get("1", {}) and mode in lq.get("32", {}):
+                    measured += (f"; {lq['1'][mode]['x_plain']:.2f} / {lq['32'][mode]['x_plain']:.2f} "
+                                 f"({dq['clock']} clock, {dq['threads']} thr, {q.name})")
+            note = ""
+            if not ok and mode.startswith("multitask"):
+                inp = lat["1"]["multitask (inputs)"]["x_plain"], lat["32"]["multitask (inputs)"]["x_plain"]
+                nn = lat["1"][mode]["x_plain_no_nchwc"], lat["32"][mode]["x_plain_no_nchwc"]
+                fast = lat["1"]["plain (no NCHWc)"]["x_plain"], lat["32"]["plain (no NCHWc)"]["x_plain"]
+                note = (f"onnxruntime's NCHWc convolutions need constant weights, and the multitask graph's weights "
+                        f"are computed from fed tensors; NCHWc makes the plain graph {fast[0]:.2f}x / {fast[1]:.2f}x "
+                        f"faster here. Against the plain graph without NCHWc (same conv kernels) multitask is "
+                        f"{nn[0]:.2f} / {nn[1]:.2f}x (tensors fed as inputs: {inp[0]:.2f} / {inp[1]:.2f}x plain). "
+                        + ("So against the same kernels the in-graph unpack is within the batch-32 target; the "
+                           "miss is the lost NCHWc kernels. " if nn[1] <= t[1] else "")
+                        + "Would close it: an NCHWc path for non-constant weights in onnxruntime "
+                        "(reorder the unpacked weights once per task switch); meanwhile, where latency matters, "
+                        "shared mode runs at the plain graph's speed (its unpack is folded at load) and multitask "
+                        "remains the low-memory mode")
+            elif not ok:
+                note = ("baked/shared run the plain graph's kernels (weights folded at load), so the excess is timing "
+                        "noise; rerun on a quiet machine or with `--clock cpu --threads 1`")
+            goals.append(Goal("export", f"{mode} latency / plain backbone, {b} @{r['input_size']}, batch 1 / 32",
+                              f"<= {t[0]} / {t[1]}", measured, status(ok), note))
+    for r in d["results"]:
+        e = r["by_tasks"].get("10")
+        if e is None:
+            goals.append(Goal("export", f"shared-mode disk for 10 tasks, {r['backbone']}", "<= bound", "-",
+                              "not measured", "bench_export.py --tasks ... 10"))
+            continue
+        ok = e["disk"]["shared"] <= e["shared_bound"]
+        goals.append(Goal("export", f"shared-mode disk for 10 tasks, {r['backbone']} "
+                                    "(backbone + 10 x 1.1 bit/masked param + heads)",
+                          f"<= {int(e['shared_bound']):,} B", f"{e['disk']['shared']:,} B (baked: "
+                          f"{e['disk']['baked']:,} B)", status(ok),
+                          "" if ok else "per-task graph overhead (nodes, names) above 0.1 bit per parameter"))
+        m = e["memory"]
+        goals.append(Goal("export", f"session creation and resident memory, 10 tasks, {r['backbone']}", "reported",
+                          "; ".join(f"{mode} {m[mode]['rss_bytes'] / 2**20:.0f} MiB, "
+                                    f"{1e3 * sum(m[mode]['create_s']):.0f} ms to load"
+                                    for mode in ("baked", "shared", "multitask") if mode in m), "reported"))
+    return "\n".join(text) + "\n", goals
+
+
+# ----------------------------------------------------------------------------- runtime
+def section_runtime(results: Path) -> tuple[str, list[Goal]]:
+    others = sorted(q for q in results.glob("runtime*.json") if q.name != "runtime.json")
+    files = [(p, read_json(p)) for p in [results / "runtime.json", *others]]
+    files = [(p, d) for p, d in files if d and d.get("median_ms")]
+    text = ["## Runtime: task switching",
+            "",
+            "`pbexport.runtime.open_model(...).logits(x, task)`, 3 tasks; each variant either stays on one task (no "
+            "switch) or moves to the next task on every run (switch); variants interleaved in rounds, medians per run. "
+            "The control cycles 3 sessions of the SAME baked task: what separate weight copies cost the CPU caches "
+            "without any task switch. A run within 5% of another is treated as not measurably different (medians on "
+            "a shared machine scatter by a few percent: identical kernels in baked and shared differ by that much).",
+            ""]
+    goals = []
+    if not files:
+        text += ["Not measured: no `runtime.json`.", "", code("python tools/bench_runtime.py")]
+        goals += [Goal("runtime", "multitask switch cost beyond feeding tensors", "not measurable", "-", "not measured",
+                       "run bench_runtime.py"),
+                  Goal("runtime", "shared-mode switch to a cached task", "free", "-", "not measured",
+                       "run bench_runtime.py")]
+        return "\n".join(text) + "\n", goals
+    for i, (p, d) in enumerate(files):
+        med = d["median_ms"]
+        text += [f"### `{p.name}`: {d['backbone']} @{d['input_size']}, batch {d['batch']}, {d['threads']} thread(s) "
+                 f"(measured {mtime(p)})", "",
+                 table(["variant", "runs", "median ms"], [[k, d["runs_per_variant"].get(k), v] for k, v in med.items()]
+                       + [[f"{m}, cache_size 1: switch (creates a session)", d.get("cold"), v]
+                          for m, v in d["cold_switch_ms"].items()], spec=".3f"), "",
+                 table(["", "ms per run"], [[f"switch cost: {k}", v] for k, v in d["switch_cost_ms"].items()]
+                       + [["feeding a task's tensors (adapter) vs the graph's defaults", d["feeding_cost_ms"]]],
+                       spec="+.3f"), "",
+                 "Engine bookkeeping per switch to a cached task (lookup and lock, no run): "
+                 + ", ".join(f"{k} {v:.1f} us" for k, v in d["bookkeeping_us"].items()) + ". Resident memory per "
+                 "extra shared-mode session: " + ", ".join(
+                     f"optimization {k} {(m.get('extra_session_bytes') or 0) / 2**20:.1f} MiB"
+                     for k, m in d.get("memory", {}).items()) + ".", ""]
+        extra = "".join(f" --{k} {d[k]}" for k in ("switches", "rounds", "cold") if k in d)
+        text += [code(f"python tools/bench_runtime.py --backbone {d['backbone']} --input-size {d['input_size']} "
+                      f"--batch {d['batch']} --threads {d['threads']}{extra} --out {p}"), ""]
+        tag = f"{d['backbone']} @{d['input_size']}, batch {d['batch']}"
+        # multitask: switching costs what staying costs
+        base = med["multitask adapter (LoraAdapter): no switch"]
+        cost = d["switch_cost_ms"]["multitask adapter (LoraAdapter)"]
+        inputs = d["switch_cost_ms"]["multitask inputs (numpy)"]
+        ok = abs(cost) <= NOISE_FRACTION * base
+        goals.append(Goal("runtime", f"multitask switch: cost beyond feeding the task's tensors ({tag})",
+                          f"within ±{100 * NOISE_FRACTION:.0f}% of a run",
+                          f"{cost:+.3f} ms ({100 * cost / base:+.1f}% of {base:.2f} ms; inputs feed {inputs:+.3f} ms); "
+                          f"feeding itself {d['feeding_cost_ms']:+.3f} ms", status(ok),
+                          "" if ok else "a switch re-binds every task tensor; a per-task OrtValue cache or "
+                                        "pre-bound IOBinding per task would make it a pointer swap"))
+        # shared: a switch to a cached task is a lookup
+        base = med["shared, cached: no switch"]
+        cost = d["switch_cost_ms"]["shared, cached"]
+        control = med["baked, 3 sessions of one task: cycle (control)"] - med["baked, cached: no switch"]
+        book = d["bookkeeping_us"].get("shared", 0.0)
+        ok = book < 0.01 * 1e3 * base and (cost <= control or abs(cost) <= NOISE_FRACTION * base)
+        goals.append(Goal("runtime", f"shared-mode switch to a cached task ({tag})",
+                          "free: bookkeeping < 1% of a run, extra time <= the no-switch control",
+                          f"{cost:+.3f} ms ({100 * cost / base:+.1f}%); control (3 sessions of one task, no switch) "
+                          f"{control:+.3f} ms; bookkeeping {book:.1f} us; cache miss "
+                          f"{d['cold_switch_ms'].get('shared', float('nan')):.1f} ms", status(ok),
+                          "" if ok else "the switch costs more than running separate weight copies; profile the "
+                                        "engine's lookup path"))
+        if i:  # the other files' goals are informative; the first file is the one the goal is judged on
+            for g in goals[-2:]:
+                g.area = "runtime (extra)"
+    return "\n".join(text) + "\n", goals
+
+
+# ----------------------------------------------------------------------------- int8
+def section_int8(results: Path) -> tuple[str, list[Goal]]:
+    path = results / "int8.json"
+    d = read_json(path)
+    text = ["## int8 quantization", ""]
+    if not d:
+        text += ["Not measured: no `int8.json`.", "", code("python tools/bench_int8.py")]
+        return "\n".join(text) + "\n", [
+            Goal("int8", "int8 size reduction", f">= {INT8_RATIO:g}x", "-", "not measured", "run bench_int8.py"),
+            Goal("int8", "int8 top-1 drop", f"<= {INT8_DROP:g} point", "-", "not measured", "run bench_int8.py")]
+    budget = f"{d['epochs']} epochs x {d['max_train_samples'] or 'all'} train images, seed {d['seed']}"
+    text += [f"{d['backbone']} piggyback tasks (default recipe) trained {budget}, exported baked, quantized with "
+             f"`pbexport.quantize.quantize_model(..., per_channel=True)` (static QDQ, uint8 activations x int8 "
+             f"weights, MinMax on {d['calib_samples']} train images); accuracy on the test split ({d['eval_samples']} "
+             f"images at most). Latency: onnxruntime, {d['threads']} thread(s), {d['clock']} clock, float and int8 "
+             f"interleaved in rounds ({d['rounds']} at batch 1), medians; \"int8/float\" is the median of per-round "
+             f"ratios. Measured {mtime(path)}.", "",
+             table(["task", "float B", "int8 B", "smaller", "test images", "float top-1 %", "int8 top-1 %",
+                    "drop (points)", "top-1 agree %", "b1 float ms", "b1 int8 ms", "b1 int8/float", "b32 float ms",
+                    "b32 int8 ms", "b32 int8/float"],
+                   [[r["task"], r["float_bytes"], r["int8_bytes"], r["size_ratio"], r["samples"],
+                     100 * r["float_accuracy"], 100 * r["int8_accuracy"], r["accuracy_drop_points"],
+                     100 * r["top1_agreement"], r["latency"]["1"]["float_ms"], r["latency"]["1"]["int8_ms"],
+                     r["latency"]["1"]["int8_over_float"], r["latency"]["32"]["float_ms"],
+                     r["latency"]["32"]["int8_ms"], r["latency"]["32"]["int8_over_float"]] for r in d["rows"]]), "",
+             code(f"python tools/bench_int8.py --backbone {d['backbone']} --epochs {d['epochs']} "
+                  f"--max-train-samples {d['max_train_samples'] or 0} --seed {d['seed']} --calib-samples "
+                  f"{d['calib_samples']} --eval-samples {d['eval_samples']} --threads {d['threads']} --clock "
+                  f"{d['clock']} --rounds {d['rounds']}"), ""]
+    goals = []
+    for r in d["rows"]:
+        lat = r["latency"]["1"]
+        goals.append(Goal("int8", f"int8 size reduction, {d['backbone']} {r['task']}", f">= {INT8_RATIO:g}x",
+                          f"{r['size_ratio']:.2f}x ({r['float_bytes']:,} -> {r['int8_bytes']:,} B)",
+                          status(r["size_ratio"] >= INT8_RATIO),
+                          "" if r["size_ratio"] >= INT8_RATIO else "float tensors left unquantized (head, BN, "
+                                                                   "biases); quantize them or drop the QDQ scales"))
+        ok = r["accuracy_drop_points"] <= INT8_DROP
+        goals.append(Goal("int8", f"int8 top-1 drop, {d['backbone']} {r['task']} ({r['samples']} test images)",
+                          f"<= {INT8_DROP:g} point",
+                          f"{r['accuracy_drop_points']:+.2f} ({100 * r['float_accuracy']:.2f}% -> "
+                          f"{100 * r['int8_accuracy']:.2f}%); b1 latency {lat['float_ms']:.2f} -> "
+                          f"{lat['int8_ms']:.2f} ms",
+                          status(ok), "" if ok else "calibration: more calibration images, percentile/entropy "
+                                                    "calibration, or keep the first conv and head in float"))
+    return "\n".join(text) + "\n", goals
+
+
+# ----------------------------------------------------------------------------- main
+def goals_table(goals: list[Goal]) -> str:
+    return table(["#", "area", "goal", "target", "measured", "status", "why missed / what would close it"],
+                 [[i + 1, g.area, g.goal, g.target, g.measured, f"**{g.status}**" if g.status == "MISSED" else g.status,
+                   g.note or "-"] for i, g in enumerate(goals)])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=Path("bench-out"), help="what the benchmark scripts wrote")
+    p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    p.add_argument("--img-dir", type=Path, default=Path("docs/img"), help="where the plots go (committed)")
+    args = p.parse_args(argv)
+    out_dir = args.out.resolve().parent
+    m = machine()
+    sections, goals = [], []
+    text, g = section_train(args.results)
+    sections.append(text)
+    goals += g
+    text_acc, g_acc, cells = section_accuracy(args.results, args.img_dir, out_dir, m)
+    text, g = section_storage(args.results, cells, args.img_dir, out_dir)
+    sections.append(text)
+    goals += g
+    text, g = section_export(args.results, args.img_dir, out_dir)
+    sections.append(text)
+    goals += g
+    text, g = section_runtime(args.results)
+    sections.append(text)
+    goals += g
+    text, g = section_int8(args.results)
+    sections.append(text)
+    goals += g
+    sections.append(text_acc)
+    goals += g_acc
+
+    v = m["versions"]
+    counts = {s: sum(1 for g in goals if g.status == s) for s in ("met", "MISSED", "not measured", "reported")}
+    head = [
+        "# pbexport benchmarks",
+        "",
+        f"Generated {m['date']} by `python tools/write_benchmarks.py` (`make bench-report`) from the result files in "
+        f"`{args.results}/`; `make bench` reruns every benchmark and then this script. Every figure below comes from "
+        "a result file (its own measurement date is given); one that has none is listed as not measured.",
+        "",
+        "Timing rules: every timing figure is a median of repeated runs, and every comparison is a ratio between "
+        "variants timed side by side (interleaved rounds) in the same run, so load from other work on the machine "
+        "hits both sides alike.",
+        "",
+        "| machine | |",
+        "|---|---|",
+        f"| date | {m['date']} |",
+        f"| cores (`nproc`) | {m['nproc']} |",
+        f"| CPU | {m['cpu']} |",
+        f"| memory | {f(m['memory_gib'], '.1f')} GiB |",
+        f"| OS | {m['os']} |",
+        f"| load average when generated | {' '.join(f'{x:.2f}' for x in m['loadavg'])} |",
+        f"| python | {v['python']} |",
+        f"| libraries | pbexport {v['pbexport']}, torch {v['torch']}, torchvision {v['torchvision']}, "
+        f"onnx {v['onnx']}, onnxscript {v['onnxscript']}, onnxruntime {v['onnxruntime']}, numpy {v['numpy']} |",
+        "",
+        "## Goals",
+        "",
+        f"{counts['met']} met, {counts['MISSED']} missed, {counts['not measured']} not measured, "
+        f"{counts['reported']} reported without a target.",
+        "",
+        goals_table(goals),
+        "",
+        "Reproduce everything: `make bench` (training, export, runtime and int8 take about 15 minutes on 2 cores; "
+        "the accuracy benchmark, run last, takes hours: see its section). `make bench-report` rewrites this file "
+        "from existing results.",
+        "",
+    ]
+    args.out.write_text("\n".join(head) + "\n" + "\n".join(sections))
+    print(goals_table(goals))
+    print(f"\n{counts} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
