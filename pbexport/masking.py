@@ -133,14 +133,6 @@ def mask_density(net: nn.Module) -> float:
     return ones / total if total else 1.0
 
 
-def bake_masks(net: nn.Module) -> None:
-    """Replace every masked weight by the plain tensor W * mask (for export); scores are dropped."""
-    for module in list(net.modules()):
-        if parametrize.is_parametrized(module):
-            for attr in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
-
-
 def batchnorms(net: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in net.named_modules() if isinstance(m, _BATCHNORMS)]
 

@@ -14,7 +14,8 @@ def format_table(headers: list[str], rows: list[list], floatfmt: str = ".4f") ->
 
     text = [[cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in text)) if text else len(h) for i, h in enumerate(headers)]
-    numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) and rows for i in range(len(headers))]
+    numeric = [bool(rows) and all(isinstance(r[i], (int, float)) or r[i] is None for r in rows)
+               for i in range(len(headers))]
 
     def line(values):
         cells = zip(values, widths, numeric, strict=True)
