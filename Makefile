@@ -39,7 +39,7 @@ bench: setup
 	$(BIN)/python tools/bench_runtime.py
 	$(BIN)/python tools/bench_runtime.py --backbone resnet18 --input-size 64 --out bench-out/runtime-resnet18.json
 	$(BIN)/python tools/bench_int8.py --quiet
-	$(BIN)/python tools/bench_accuracy.py --quiet
+	$(BIN)/python tools/bench_accuracy.py --quiet --frontier
 	$(BIN)/python tools/write_benchmarks.py
 
 # BENCHMARKS.md (and docs/img/) again from the results already in bench-out/, without measuring anything.

@@ -134,3 +134,16 @@ def test_grayscale_npz_and_resizing(tmp_path):
     metrics = train(TrainConfig(backbone="cifar_resnet20", data=str(path), task="g", epochs=1, batch_size=4),
                     tmp_path / "run", progress=False)
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
+
+
+def test_mask_decay_holds_weights_switched_on(tmp_path, tiny_npz):
+    # at lr 3e-3 a score crosses the threshold after two Adam steps; a pull of 1.0 toward keep
+    # outweighs any loss gradient here, so every weight must stay on
+    free = train(_cfg(tiny_npz, epochs=2, max_train_samples=None, lr_mask=3e-3), tmp_path / "free",
+                 progress=False)
+    held = train(_cfg(tiny_npz, epochs=2, max_train_samples=None, lr_mask=3e-3, mask_decay=1.0),
+                 tmp_path / "held", progress=False)
+    assert free["mask_density"] < 0.99
+    assert held["mask_density"] == 1.0
+    with pytest.raises(PbexportError, match="--mask-decay must be at least 0"):
+        _cfg(tiny_npz, mask_decay=-1e-5)

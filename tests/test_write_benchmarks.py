@@ -83,3 +83,29 @@ def test_goals_are_judged_from_the_result_files(tmp_path):
     # missing runs: their cost estimated from the finished ones (~2 min of epochs each here), never a result
     assert "needs ~" in text and "CPU hours" in text
     assert "3-task cifar_resnet20 bundle" in text
+
+
+def test_storage_frontier_goal_needs_fine_tune_accuracy_within_the_bit_budget(tmp_path):
+    res = tmp_path / "bench-out"
+
+    def summary(dataset, variant, acc, bits):
+        return {"backbone": "cifar_resnet20", "dataset": dataset, "variant": variant, "seeds": 1,
+                "accuracy_mean": acc, "accuracy_std": 0.0, "stored_bits_per_param": bits, "mask_density": None}
+
+    rows = [summary("gtsrb", "piggyback-bn", 97.5, 0.75), summary("gtsrb", "finetune", 97.4, None),
+            summary("gtsrb", "piggyback-bn-lr1e-3", 97.6, 0.97),
+            summary("mnist", "piggyback-bn", 99.5, 0.85), summary("mnist", "finetune", 99.4, None),
+            summary("mnist", "piggyback-bn-lr1e-4", 99.0, 0.70)]
+    for r in rows:  # a frontier run directory is not one of the grid's missing runs
+        _run_dir(res, r["backbone"], r["dataset"], r["variant"], 0, r["accuracy_mean"] / 100)
+    (res / "accuracy" / "accuracy.json").write_text(json.dumps({"rows": [], "summary": rows, "base_task": {},
+                                                                 "epochs": 2, "seeds": [0]}))
+    text, goals = write(tmp_path, res)
+    frontier = {k: v for k, v in goals.items() if k.startswith("default recipe at fine-tune accuracy")}
+    assert frontier == {
+        "default recipe at fine-tune accuracy with <= 0.8 stored bits/param, cifar_resnet20 on gtsrb":
+            ("0.750 bits, fine-tune lead -0.10 (1 vs 1 seeds)", "met"),
+        "default recipe at fine-tune accuracy with <= 0.8 stored bits/param, cifar_resnet20 on mnist":
+            ("0.850 bits, fine-tune lead -0.10 (1 vs 1 seeds)", "MISSED")}, frontier
+    assert "piggyback-bn-lr1e-4" in text.split("## Accuracy against storage", 1)[1]
+    assert goals["3 seeds for every backbone, dataset and method"][0] == "4/48 runs"

@@ -29,6 +29,7 @@ import torch
 from pbexport.backbones import load_backbone
 from pbexport.bundle import load_bundle, pack_runs
 from pbexport.data import ImageSet
+from pbexport.errors import PbexportError
 from pbexport.report import format_table
 from pbexport.taskmodel import TaskModel
 from pbexport.training import TrainConfig, evaluate, predict_logits, train
@@ -38,34 +39,82 @@ WEIGHTS = {"cifar_resnet20": SHARED / "resnet_cifar10" / "resnet20-12fca82f.th",
            "cifar_resnet56": SHARED / "resnet_cifar10" / "resnet56-4bfd9763.th"}
 DATASETS = {"gtsrb": SHARED / "gtsrb32.npz", "mnist": SHARED / "mnist28.npz"}
 BASE_TASK = SHARED / "cifar10_test2k.npz"
-# name -> (method, train_bn); piggyback-bn is pbexport's default recipe
-VARIANTS = {"classifier": ("classifier", False), "piggyback": ("piggyback", False),
-            "piggyback-bn": ("piggyback", True), "finetune": ("finetune", False)}
+# name -> TrainConfig settings on top of the defaults; "piggyback-bn" is pbexport's default recipe
+VARIANTS = {"classifier": {"method": "classifier"}, "piggyback": {"method": "piggyback", "train_bn": False},
+            "piggyback-bn": {"method": "piggyback"}, "finetune": {"method": "finetune"}}
+# The storage frontier: the default recipe with another mask lr or mask decay (docs/TRAINING.md);
+# the one that equals the defaults is the piggyback-bn run itself.
+FRONTIER_RECIPES = {"lr1e-3": (1e-3, 0.0), "lr3e-4": (3e-4, 0.0), "lr1e-4": (1e-4, 0.0),
+                    "lr3e-4-decay1e-6": (3e-4, 1e-6), "lr1e-3-decay1e-6": (1e-3, 1e-6),
+                    "lr1e-3-decay3e-6": (1e-3, 3e-6), "lr1e-3-decay1e-5": (1e-3, 1e-5)}
+FRONTIER = {f"piggyback-bn-{name}": {"method": "piggyback", "lr_mask": lr, "mask_decay": decay}
+            for name, (lr, decay) in FRONTIER_RECIPES.items()
+            if (lr, decay) != (TrainConfig.lr_mask, TrainConfig.mask_decay)}
+ALL_VARIANTS = {**VARIANTS, **FRONTIER}
 
 
 def task_name(dataset: str, variant: str, seed: int) -> str:
     return f"{dataset}-{variant}-s{seed}"
 
 
-def run_one(out: Path, backbone: str, dataset: str, variant: str, seed: int, args) -> dict:
+def make_config(backbone: str, data: str, variant: str, seed: int, args) -> TrainConfig:
+    return TrainConfig(backbone=backbone, weights=str(WEIGHTS.get(backbone, "")) or None,
+                       data=str(DATASETS.get(data, data)), task=task_name(dataset_key(data), variant, seed),
+                       seed=seed, epochs=args.epochs, max_train_samples=args.max_train_samples,
+                       **ALL_VARIANTS[variant])
+
+
+def dataset_key(data: str) -> str:
+    return data if data in DATASETS else Path(data).stem
+
+
+def run_one(out: Path, backbone: str, data: str, variant: str, seed: int, args) -> dict:
+    dataset = dataset_key(data)
     run_dir = out / "runs" / backbone / dataset / f"{variant}-s{seed}"
-    method, train_bn = VARIANTS[variant]
-    if not (run_dir / "metrics.json").exists():
-        if run_dir.exists():  # an interrupted run: continue it
-            resume = any((run_dir / "checkpoints").glob("*.json"))
-        else:
-            resume = False
-        cfg = TrainConfig(backbone=backbone, weights=str(WEIGHTS.get(backbone, "")) or None,
-                          data=str(DATASETS.get(dataset, dataset)), task=task_name(dataset, variant, seed),
-                          method=method, train_bn=train_bn, seed=seed, epochs=args.epochs,
-                          max_train_samples=args.max_train_samples)
+    cfg = make_config(backbone, data, variant, seed, args)
+    # A run is reused only if it was trained with exactly this config (defaults may have changed since).
+    same = run_dir.exists() and _stored_config(run_dir) == _settings(cfg)
+    if not (same and (run_dir / "metrics.json").exists()):
+        resume = same and any((run_dir / "checkpoints").glob("*.json"))  # an interrupted run: continue it
         if not resume and run_dir.exists():
             shutil.rmtree(run_dir)
         train(cfg, run_dir, resume=resume, progress=not args.quiet)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {"backbone": backbone, "dataset": dataset, "variant": variant, "seed": seed, "run": str(run_dir),
-            "test_accuracy": metrics["test_accuracy"], "mask_density": metrics["mask_density"],
+    return {"backbone": backbone, "dataset": dataset, "data": data, "variant": variant, "seed": seed,
+            "run": str(run_dir), "test_accuracy": metrics["test_accuracy"], "mask_density": metrics["mask_density"],
             "train_seconds": sum(e["seconds"] for e in metrics["epochs"])}
+
+
+def earlier_rows(out: Path, planned: set, args) -> list[dict]:
+    """Rows of earlier invocations on --out that are not planned now and still match today's settings
+    and defaults: results accumulate, so a benchmark can be completed piece by piece."""
+    try:
+        rows = json.loads((out / "accuracy.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return []
+    kept = []
+    for r in rows:
+        if (r["backbone"], r["dataset"], r["variant"], r["seed"]) in planned or r["variant"] not in ALL_VARIANTS:
+            continue
+        cfg = make_config(r["backbone"], r.get("data", r["dataset"]), r["variant"], r["seed"], args)
+        run = Path(r["run"])
+        if (run / "metrics.json").exists() and _stored_config(run) == _settings(cfg):
+            kept.append(r)
+    return kept
+
+
+def _stored_config(run_dir: Path) -> dict | None:
+    try:
+        return _settings(TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())["config"]))
+    except (OSError, ValueError, KeyError, TypeError, PbexportError):
+        return None
+
+
+def _settings(cfg: TrainConfig) -> dict:
+    """The settings that shape a run of cfg's method (a new mask default does not touch fine-tune runs)."""
+    unused = {"classifier": ("lr_mask", "mask_decay", "lr_backbone"), "finetune": ("lr_mask", "mask_decay"),
+              "piggyback": ("lr_backbone",)}[cfg.method]
+    return {k: v for k, v in cfg.to_dict().items() if k not in unused}
 
 
 def base_task_check(backbone: str, bundle_dir: Path) -> dict:
@@ -142,13 +191,51 @@ def plot(summary: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_frontier(summary: list[dict], path: Path) -> None:
+    """Accuracy against stored bits per masked parameter for every piggyback recipe, fine-tune as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(s["backbone"], s["dataset"]) for s in summary if s["variant"] in FRONTIER})
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        here = [s for s in summary if (s["backbone"], s["dataset"]) == key]
+        for s in here:
+            if s["stored_bits_per_param"] is None:
+                continue
+            default = s["variant"] == "piggyback-bn"
+            ax.errorbar(s["stored_bits_per_param"], s["accuracy_mean"], yerr=s["accuracy_std"], fmt="*" if default
+                        else "o", color="C3" if default else ("C0" if s["variant"] in FRONTIER else "C7"),
+                        markersize=11 if default else 6)
+            ax.annotate(s["variant"].replace("piggyback", "pb"), (s["stored_bits_per_param"], s["accuracy_mean"]),
+                        fontsize=7, xytext=(4, -10), textcoords="offset points")
+        ft = next((s for s in here if s["variant"] == "finetune"), None)
+        if ft:
+            ax.axhline(ft["accuracy_mean"], color="C2", linestyle="--", label=f"fine-tune {ft['accuracy_mean']:.2f}%")
+        ax.axvline(0.8, color="C7", linestyle=":", label="goal: <= 0.8 bits")
+        shown = [s["accuracy_mean"] for s in here if s["variant"] in (*FRONTIER, "piggyback-bn", "finetune")]
+        ax.set_ylim(min(shown) - 1.0, max(shown) + 0.5)
+        ax.set_title(f"{key[0]} {key[1]}", fontsize=9)
+        ax.set_xlabel("stored bits per masked parameter")
+        ax.set_ylabel("test accuracy (%)")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=["cifar_resnet20", "cifar_resnet56"])
     parser.add_argument("--datasets", nargs="+", default=["gtsrb", "mnist"],
                         help="gtsrb, mnist (from shared/data) or paths to ImageFolder dirs / .npz files")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(ALL_VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--frontier", action="store_true",
+                        help="also run the mask-lr sweep (the storage frontier) on the first backbone, "
+                             "every dataset, --frontier-seeds; plots accuracy against stored bits")
+    parser.add_argument("--frontier-seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("bench-out/accuracy"))
@@ -166,17 +253,18 @@ def main() -> int:
     if missing:
         print(f"error: real data not found: {', '.join(missing)}", file=sys.stderr)
         return 2
+    plan = [(b, d, v, s) for b in args.backbones for d in args.datasets for v in args.variants for s in args.seeds]
+    if args.frontier:
+        plan += [(args.backbones[0], d, v, s) for d in args.datasets for v in FRONTIER for s in args.frontier_seeds
+                 if (args.backbones[0], d, v, s) not in plan]
     started = time.time()
-    rows = []
-    for backbone in args.backbones:
-        for dataset in args.datasets:
-            for variant in args.variants:
-                for seed in args.seeds:
-                    print(f"[{time.time() - started:6.0f}s] {backbone} {dataset} {variant} seed {seed}", flush=True)
-                    rows.append(run_one(args.out, backbone, Path(dataset).stem if dataset not in DATASETS
-                                        else dataset, variant, seed, args))
+    rows = earlier_rows(args.out, {(b, dataset_key(d), v, s) for b, d, v, s in plan}, args)
+    for backbone, data, variant, seed in plan:
+        print(f"[{time.time() - started:6.0f}s] {backbone} {data} {variant} seed {seed}", flush=True)
+        rows.append(run_one(args.out, backbone, data, variant, seed, args))
+    rows.sort(key=lambda r: (r["backbone"], r["dataset"], list(ALL_VARIANTS).index(r["variant"]), r["seed"]))
     base = {}
-    for backbone in args.backbones:
+    for backbone in sorted({r["backbone"] for r in rows}):
         bundle_dir = args.out / "bundles" / backbone
         packable = [r for r in rows if r["backbone"] == backbone and r["variant"] != "finetune"]
         shutil.rmtree(bundle_dir, ignore_errors=True)
@@ -196,9 +284,12 @@ def main() -> int:
         print(f"base task (CIFAR-10 2k) on {backbone}: original {100 * b['original']:.2f}%, from the bundle after "
               f"adding tasks {100 * b['bundle']:.2f}%, logits bitwise identical: {b['bitwise_identical']}")
     args.out.mkdir(parents=True, exist_ok=True)
+    seeds = sorted({r["seed"] for r in rows})
     (args.out / "accuracy.json").write_text(json.dumps({"rows": rows, "summary": summary, "base_task": base,
-                                                        "epochs": args.epochs, "seeds": args.seeds}, indent=2))
-    plot(summary, args.out / "accuracy.png")
+                                                        "epochs": args.epochs, "seeds": seeds}, indent=2))
+    plot([s for s in summary if s["variant"] in VARIANTS], args.out / "accuracy.png")
+    if any(s["variant"] in FRONTIER for s in summary):
+        plot_frontier(summary, args.out / "frontier.png")
     (args.out / "accuracy.md").write_text(table + "\n")
     if args.quick:
         acc = {s["variant"]: s["accuracy_mean"] for s in summary}

@@ -52,6 +52,8 @@ ACC_DATASETS = ["gtsrb", "mnist"]
 ACC_VARIANTS = ["classifier", "piggyback", "piggyback-bn", "finetune"]
 ACC_SEEDS = [0, 1, 2]
 DEFAULT_RECIPE = "piggyback-bn"
+FRONTIER_PREFIX = "piggyback-bn-"  # bench_accuracy.py --frontier: the default recipe with other mask settings
+FRONTIER_BITS = 0.8
 TRAIN_RATIO = 1.3
 BITS_SLOPE, BITS_OFFSET, BITS_MAX = 1.05, 0.01, 1.01
 EXPORT_TARGETS = {"baked": (1.03, 1.03), "shared": (1.03, 1.03), "multitask (adapter)": (1.5, 1.15),
@@ -279,7 +281,7 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
     cells, data, partial = collect_accuracy(acc_dir)
     backbones = list(dict.fromkeys(ACC_BACKBONES + [k[0] for k in cells]))
     datasets = list(dict.fromkeys(ACC_DATASETS + [k[1] for k in cells]))
-    variants = list(dict.fromkeys(ACC_VARIANTS + [k[2] for k in cells]))
+    variants = list(dict.fromkeys(ACC_VARIANTS + [k[2] for k in cells if not k[2].startswith(FRONTIER_PREFIX)]))
     seeds = sorted(set(ACC_SEEDS) | {k[3] for k in cells})
     cores = machine_info["nproc"]
     unit = (f"CPU hours are wall hours of training on this {cores}-core machine, estimated from the finished runs "
@@ -343,7 +345,8 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
             "",
             "Every (backbone, dataset, method, seed) trained with `pbexport.training` on the same budget; test top-1 "
             "on the real test sets (GTSRB 3,000 images, MNIST 2,000). `piggyback-bn` is pbexport's default recipe "
-            "(mask + head + per-task BN); `piggyback` keeps the backbone's BN; `classifier` trains the head only; "
+            "(mask + head + per-task BN, `pbexport train` with no tuning flags); `piggyback` keeps the backbone's BN; "
+            "`classifier` trains the head only; "
             "`finetune` trains every weight. \"fine-tune lead\" = fine-tune mean minus this method's mean (the goal "
             "wants it <= 0 for piggyback-bn); \"over classifier\" = this mean minus classifier-only's.",
             ""]
@@ -389,7 +392,7 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
         text += [f"![test accuracy per backbone, dataset and method]({rel(t, out_dir)})", ""]
     if (acc_dir / "bundles").exists():
         text += ["Per-layer mask density of these tasks: see the storage section.", ""]
-    text.append(code("python tools/bench_accuracy.py            # every backbone, dataset, method and seed "
+    text.append(code("python tools/bench_accuracy.py --frontier # every backbone, dataset, method and seed "
                      "(hours: see above)\n"
                      "python tools/bench_accuracy.py --backbones cifar_resnet20 --seeds 0   # one backbone, one seed"))
 
@@ -410,7 +413,8 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
                         f"{n}/{len(seeds)} seeds)")
             note = "" if lead <= 0 else (
                 f"fine-tuning ahead by {lead:.2f} points on this budget; untested candidates to close it: a longer "
-                "schedule (10 epochs is the 2-core calibration budget, the paper trains 30), a tuned mask lr")
+                "schedule (10 epochs is the 2-core calibration budget, the paper trains 30), a recipe tuned on "
+                "this backbone (the mask lr was chosen on cifar_resnet20)")
             if n < len(seeds):
                 note = (note + "; " if note else "") + f"provisional: {len(seeds) - n} seed(s) missing"
             goals.append(Goal("accuracy", name, "<= 0 points", measured, status(lead <= 0), note))
@@ -577,6 +581,67 @@ def section_storage(results: Path, cells: dict, img_dir: Path, out_dir: Path) ->
                      "python tools/bench_int8.py          # writes bench-out/int8/bundle-cifar_resnet56\n"
                      "pbexport info BUNDLE                # the same figures per task and per layer\n"
                      "python tools/write_benchmarks.py    # this table and the 3-task bundle"))
+    return "\n".join(text) + "\n", goals
+
+
+# ----------------------------------------------------------------------------- storage frontier
+def _recipe(run: str | None) -> str:
+    config = (read_json(Path(run) / "config.json") or {}).get("config", {}) if run else {}
+    if not config:
+        return "?"
+    return f"mask lr {config.get('lr_mask'):g}, mask decay {config.get('mask_decay', 0.0):g}"
+
+
+def section_frontier(results: Path, cells: dict, img_dir: Path, out_dir: Path) -> tuple[str, list[Goal]]:
+    """Accuracy against stored bits per masked parameter, for the default recipe and the recipes beside it."""
+    acc = read_json(results / "accuracy" / "accuracy.json") or {}
+    summary = [s for s in acc.get("summary", []) if s["variant"] == DEFAULT_RECIPE or s["variant"] == "finetune"
+               or s["variant"].startswith(FRONTIER_PREFIX)]
+    text = ["## Accuracy against storage (the frontier)",
+            "",
+            "`piggyback-bn` is the default recipe; the `piggyback-bn-*` rows are the same recipe with another mask "
+            "learning rate or mask decay (`--lr-mask`, `--mask-decay`), trained on the same budget by "
+            "`tools/bench_accuracy.py --frontier`. Stored bits per masked parameter are what the bundle's mask "
+            f"codec wrote. Goal: fine-tune accuracy at <= {FRONTIER_BITS} stored bits per parameter per task.",
+            ""]
+    goals = []
+    keys = sorted({(s["backbone"], s["dataset"]) for s in summary if s["variant"].startswith(FRONTIER_PREFIX)})
+    if not keys:
+        text += ["Not measured: no `--frontier` run in `bench-out/accuracy/accuracy.json`.", ""]
+        goals.append(Goal("storage frontier", f"fine-tune accuracy at <= {FRONTIER_BITS} stored bits/param",
+                          "default recipe", "-", "not measured", "python tools/bench_accuracy.py --frontier"))
+        return "\n".join(text) + "\n", goals
+    rows = []
+    for key in keys:
+        here = [s for s in summary if (s["backbone"], s["dataset"]) == key]
+        ft = next((s for s in here if s["variant"] == "finetune"), None)
+        for s in sorted((s for s in here if s["variant"] != "finetune"), key=lambda s: s["stored_bits_per_param"] or 0):
+            run = next((r["run"] for r in acc["rows"] if (r["backbone"], r["dataset"], r["variant"]) ==
+                        (*key, s["variant"])), None)
+            lead = ft["accuracy_mean"] - s["accuracy_mean"] if ft else None
+            rows.append([key[0], key[1], s["variant"], _recipe(run), s["seeds"], s["accuracy_mean"], s["accuracy_std"],
+                         lead, s["stored_bits_per_param"], s["mask_density"]])
+        default = next((s for s in here if s["variant"] == DEFAULT_RECIPE), None)
+        if default and ft and default["stored_bits_per_param"] is not None:
+            lead = ft["accuracy_mean"] - default["accuracy_mean"]
+            bits = default["stored_bits_per_param"]
+            ok = lead <= 0 and bits <= FRONTIER_BITS
+            goals.append(Goal("storage frontier", f"default recipe at fine-tune accuracy with <= {FRONTIER_BITS} "
+                              f"stored bits/param, {key[0]} on {key[1]}", f"lead <= 0 at <= {FRONTIER_BITS} bits",
+                              f"{bits:.3f} bits, fine-tune lead {lead:+.2f} ({default['seeds']} vs {ft['seeds']} "
+                              "seeds)", status(ok), "" if ok else
+                              ("fine-tuning still ahead at this storage" if bits <= FRONTIER_BITS
+                               else "the masks flip too many weights")))
+    text += [table(["backbone", "dataset", "recipe", "settings", "seeds", "test top-1 %", "± std", "fine-tune lead",
+                    "stored bits/param", "mask density"], rows), ""]
+    png = results / "accuracy" / "frontier.png"
+    if png.exists():
+        img_dir.mkdir(parents=True, exist_ok=True)
+        target = img_dir / "frontier.png"
+        shutil.copyfile(png, target)
+        text += [f"![test accuracy against stored bits per masked parameter]({rel(target, out_dir)})", ""]
+    text.append(code("python tools/bench_accuracy.py --backbones cifar_resnet20 --frontier   # adds the frontier "
+                     "recipes (seed 0) to the accuracy runs"))
     return "\n".join(text) + "\n", goals
 
 
@@ -894,6 +959,9 @@ def main(argv=None) -> int:
     goals += g
     text_acc, g_acc, cells = section_accuracy(args.results, args.img_dir, out_dir, m)
     text, g = section_storage(args.results, cells, args.img_dir, out_dir)
+    sections.append(text)
+    goals += g
+    text, g = section_frontier(args.results, cells, args.img_dir, out_dir)
     sections.append(text)
     goals += g
     text, g = section_export(args.results, args.img_dir, out_dir)
