@@ -240,14 +240,14 @@ def main() -> int:
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("bench-out/accuracy"))
     parser.add_argument("--quick", action="store_true",
-                        help="CI size: cifar_resnet20, gtsrb, classifier vs piggyback-bn, 1 seed, 2 epochs, "
-                             "3000 train images; exit 1 unless piggyback wins by --margin points")
+                        help="CI size: cifar_resnet20, gtsrb, classifier vs piggyback-bn, 1 seed, 3 epochs, "
+                             "4000 train images; exit 1 unless piggyback wins by --margin points")
     parser.add_argument("--margin", type=float, default=20.0)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     if args.quick:
         args.backbones, args.datasets, args.variants = ["cifar_resnet20"], ["gtsrb"], ["classifier", "piggyback-bn"]
-        args.seeds, args.epochs, args.max_train_samples = [0], 2, args.max_train_samples or 3000
+        args.seeds, args.epochs, args.max_train_samples = [0], 3, args.max_train_samples or 4000
     missing = [str(p) for p in [*(WEIGHTS[b] for b in args.backbones if b in WEIGHTS),
                                 *(DATASETS[d] for d in args.datasets if d in DATASETS)] if not p.exists()]
     if missing:
