@@ -18,3 +18,37 @@ def test_piggyback_clearly_beats_classifier_only_on_real_data(resnet20_weights, 
     assert acc["piggyback-bn"] - acc["classifier"] >= 20.0, acc
     assert result["base_task"]["cifar_resnet20"]["bitwise_identical"] is True
     assert (tmp_path / "accuracy.png").stat().st_size > 0
+
+
+def _bench_module():
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import bench_accuracy
+    finally:
+        sys.path.pop(0)
+    return bench_accuracy
+
+
+def test_a_finished_run_is_reused_only_while_its_settings_match(tmp_path):
+    ba = _bench_module()
+
+    class Args:
+        epochs, max_train_samples = 10, None
+
+    def stored(variant, **changes):
+        cfg = ba.make_config("cifar_resnet20", "gtsrb", variant, 0, Args).to_dict()
+        cfg.pop("mask_decay")  # a run made before the setting existed reads it as its default
+        cfg.update(changes)
+        run = tmp_path / "-".join([variant, *changes])
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"config": cfg}))
+        return ba._stored_config(run) == ba._settings(ba.make_config("cifar_resnet20", "gtsrb", variant, 0, Args))
+
+    assert stored("piggyback-bn")
+    assert not stored("piggyback-bn", lr_mask=1e-3)  # trained under an older default: train again
+    assert stored("finetune", lr_mask=1e-3)  # the mask lr never touches a fine-tune run
+    assert not stored("finetune", lr_backbone=1e-2)
+    # the frontier never repeats the default recipe under another name
+    defaults = (ba.TrainConfig.lr_mask, ba.TrainConfig.mask_decay)
+    assert all((v["lr_mask"], v["mask_decay"]) != defaults for v in ba.FRONTIER.values())
+    assert len(ba.FRONTIER) == len(ba.FRONTIER_RECIPES) - 1
