@@ -1,7 +1,7 @@
 """int8 quantization of baked piggyback tasks on real data: size, accuracy and latency, float vs int8.
 
-For each dataset: train a piggyback task with pbexport's default recipe (per-task BN, Adam 1e-3,
-cosine) on a short budget, pack the tasks into one bundle, export each task baked, quantize it with
+For each dataset: train a piggyback task with pbexport's default recipe (TrainConfig's defaults)
+on a short budget, pack the tasks into one bundle, export each task baked, quantize it with
 `pbexport.quantize.quantize_model` (static int8 QDQ, per-channel weights, MinMax calibration on the
 train split) and compare float and int8 on the whole test split (up to --eval-samples images): bytes,
 size ratio, top-1 accuracy, accuracy drop, top-1 agreement. Latency: both graphs run in interleaved
@@ -179,7 +179,8 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps({
         "backbone": args.backbone, "epochs": args.epochs, "max_train_samples": args.max_train_samples or None,
         "seed": args.seed, "calib_samples": args.calib_samples, "eval_samples": args.eval_samples,
-        "per_channel": True, "threads": args.threads, "clock": args.clock, "rounds": args.rounds, "inner": args.inner,
+        "lr_mask": TrainConfig.lr_mask, "per_channel": True, "threads": args.threads, "clock": args.clock,
+        "rounds": args.rounds, "inner": args.inner,
         "bundle": str(bundle), "loadavg": os.getloadavg(), "seconds": time.time() - started, "rows": rows,
     }, indent=2) + "\n")
     print(f"results -> {args.out} ({time.time() - started:.0f} s)")

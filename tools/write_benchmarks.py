@@ -901,7 +901,9 @@ def section_int8(results: Path) -> tuple[str, list[Goal]]:
             Goal("int8", "int8 size reduction", f">= {INT8_RATIO:g}x", "-", "not measured", "run bench_int8.py"),
             Goal("int8", "int8 top-1 drop", f"<= {INT8_DROP:g} point", "-", "not measured", "run bench_int8.py")]
     budget = f"{d['epochs']} epochs x {d['max_train_samples'] or 'all'} train images, seed {d['seed']}"
-    text += [f"{d['backbone']} piggyback tasks (default recipe) trained {budget}, exported baked, quantized with "
+    recipe = f"mask lr {d['lr_mask']:g}" if "lr_mask" in d else "mask lr 1e-3, the default before 3e-4"
+    text += [f"{d['backbone']} piggyback tasks (per-task BN, {recipe}) trained {budget}, exported baked, quantized "
+             "with "
              f"`pbexport.quantize.quantize_model(..., per_channel=True)` (static QDQ, uint8 activations x int8 "
              f"weights, MinMax on {d['calib_samples']} train images); accuracy on the test split ({d['eval_samples']} "
              f"images at most). Latency: onnxruntime, {d['threads']} thread(s), {d['clock']} clock, float and int8 "
