@@ -193,7 +193,7 @@ def _decay_toward_keep(optimizer, decay: float) -> None:
     """Add the gradient of ``decay * sum(relu(SCORE_INIT - score))`` to every mask score.
 
     A score below its initial value is pulled back up by ``decay``, so a weight is switched off
-    only where the loss gradient keeps outweighing the pull: fewer, more useful flips, which store
+    only where the loss gradient keeps outweighing the pull: fewer flips, which store
     in fewer bits (docs/TRAINING.md).
     """
     for group in optimizer.param_groups:

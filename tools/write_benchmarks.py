@@ -605,7 +605,10 @@ def section_frontier(results: Path, cells: dict, img_dir: Path, out_dir: Path) -
             f"codec wrote. Goal: fine-tune accuracy at <= {FRONTIER_BITS} stored bits per parameter per task.",
             ""]
     goals = []
-    keys = sorted({(s["backbone"], s["dataset"]) for s in summary if s["variant"].startswith(FRONTIER_PREFIX)})
+    # every (backbone, dataset) whose default-recipe masks were packed, once any frontier recipe was run
+    tried = any(s["variant"].startswith(FRONTIER_PREFIX) for s in summary)
+    keys = sorted({(s["backbone"], s["dataset"]) for s in summary
+                   if tried and s["variant"] == DEFAULT_RECIPE and s["stored_bits_per_param"] is not None})
     if not keys:
         text += ["Not measured: no `--frontier` run in `bench-out/accuracy/accuracy.json`.", ""]
         goals.append(Goal("storage frontier", f"fine-tune accuracy at <= {FRONTIER_BITS} stored bits/param",
