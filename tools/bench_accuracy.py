@@ -199,18 +199,18 @@ def plot_frontier(summary: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = sorted({(s["backbone"], s["dataset"]) for s in summary if s["variant"] in FRONTIER})
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.0), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         here = [s for s in summary if (s["backbone"], s["dataset"]) == key]
         for s in here:
-            if s["stored_bits_per_param"] is None:
-                continue
             default = s["variant"] == "piggyback-bn"
-            ax.errorbar(s["stored_bits_per_param"], s["accuracy_mean"], yerr=s["accuracy_std"], fmt="*" if default
-                        else "o", color="C3" if default else ("C0" if s["variant"] in FRONTIER else "C7"),
-                        markersize=11 if default else 6)
-            ax.annotate(s["variant"].replace("piggyback", "pb"), (s["stored_bits_per_param"], s["accuracy_mean"]),
-                        fontsize=7, xytext=(4, -10), textcoords="offset points")
+            if s["stored_bits_per_param"] is None or not (default or s["variant"] in FRONTIER):
+                continue
+            ax.errorbar(s["stored_bits_per_param"], s["accuracy_mean"], yerr=s["accuracy_std"],
+                        fmt="*" if default else "o", color="C3" if default else "C0", markersize=11 if default else 6)
+            label = "default" if default else s["variant"].removeprefix("piggyback-bn-").replace("-decay", " decay")
+            ax.annotate(label, (s["stored_bits_per_param"], s["accuracy_mean"]), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
         ft = next((s for s in here if s["variant"] == "finetune"), None)
         if ft:
             ax.axhline(ft["accuracy_mean"], color="C2", linestyle="--", label=f"fine-tune {ft['accuracy_mean']:.2f}%")
