@@ -233,8 +233,8 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(ALL_VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--frontier", action="store_true",
-                        help="also run the mask-lr sweep (the storage frontier) on the first backbone, "
-                             "every dataset, --frontier-seeds; plots accuracy against stored bits")
+                        help="also run the other mask lr / mask decay recipes (the storage frontier) on the first "
+                             "backbone, every dataset, --frontier-seeds; plots accuracy against stored bits")
     parser.add_argument("--frontier-seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--max-train-samples", type=int, default=None)

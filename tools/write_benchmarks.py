@@ -106,6 +106,13 @@ def read_json(path: Path):
         return None
 
 
+def result_files(results: Path, stem: str, key: str) -> list[tuple[Path, dict]]:
+    """STEM.json first, then the other STEM*.json variants; only those that parse and hold ``key``."""
+    others = sorted(q for q in results.glob(f"{stem}*.json") if q.name != f"{stem}.json")
+    files = [(p, read_json(p)) for p in [results / f"{stem}.json", *others]]
+    return [(p, d) for p, d in files if d and d.get(key)]
+
+
 def mtime(path: Path) -> str:
     return dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
 
@@ -713,9 +720,7 @@ def export_plot(files: list[tuple[Path, dict]], png: Path) -> Path | None:
 
 
 def section_export(results: Path, img_dir: Path, out_dir: Path) -> tuple[str, list[Goal]]:
-    files = [(p, read_json(p)) for p in [results / "export.json",
-                                          *sorted(q for q in results.glob("export*.json") if q.name != "export.json")]]
-    files = [(p, d) for p, d in files if d and d.get("results")]
+    files = result_files(results, "export", "results")
     text = ["## Export: latency, disk, session creation and memory per mode",
             "",
             "Per backbone: tiny tasks (1 step on random images) packed and exported in the three modes plus the plain "
@@ -838,9 +843,7 @@ def section_export(results: Path, img_dir: Path, out_dir: Path) -> tuple[str, li
 
 # ----------------------------------------------------------------------------- runtime
 def section_runtime(results: Path) -> tuple[str, list[Goal]]:
-    others = sorted(q for q in results.glob("runtime*.json") if q.name != "runtime.json")
-    files = [(p, read_json(p)) for p in [results / "runtime.json", *others]]
-    files = [(p, d) for p, d in files if d and d.get("median_ms")]
+    files = result_files(results, "runtime", "median_ms")
     text = ["## Runtime: task switching",
             "",
             "`pbexport.runtime.open_model(...).logits(x, task)`, 3 tasks; each variant either stays on one task (no "
