@@ -88,8 +88,8 @@ class RunDir:
         return TrainConfig.from_dict(self.info()["config"])
 
     def check_config(self, cfg) -> None:
-        stored = self.config().to_dict()  # settings added since the run was made read as their defaults
-        differ = [k for k, v in cfg.to_dict().items() if stored.get(k) != v]
+        stored = self.config().settings()  # settings added since the run was made read as their defaults
+        differ = [k for k, v in cfg.settings().items() if stored.get(k) != v]
         if differ:
             raise PbexportError(f"--resume with different settings ({', '.join(differ)}); the run "
                                 "was trained with its config.json", str(self.path))

@@ -8,6 +8,7 @@ resumed after any epoch ends exactly where the uninterrupted run ends.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -21,6 +22,10 @@ from .backbones import load_backbone
 from .data import AUGMENTATIONS, ImageSet, TaskData, batches, load_data, split_validation
 from .errors import PbexportError
 from .taskmodel import METHODS, TaskModel, build_task_model
+
+_UNUSED_SETTINGS = {"classifier": ("lr_mask", "mask_decay", "lr_backbone"),
+                    "finetune": ("lr_mask", "mask_decay"),
+                    "piggyback": ("lr_backbone",)}
 
 
 @dataclass
@@ -67,6 +72,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def settings(self) -> dict:
+        """The settings that shape a run of this method: those it never reads are left out, so a new
+        mask default does not make a fine-tune run stale."""
+        unused = _UNUSED_SETTINGS[self.method]
+        return {k: v for k, v in self.to_dict().items() if k not in unused}
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -151,6 +162,23 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     metrics = _final_metrics(history, best, cfg)
     run.write_final(model.task_state(), metrics)
     return metrics
+
+
+def train_or_reuse(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> dict:
+    """The metrics of run ``out``: reused if it finished with ``cfg``'s settings, continued from its last
+    checkpoint if it was interrupted, trained afresh otherwise (a stale run is replaced)."""
+    out = Path(out)
+    run = runs.RunDir(out)
+    try:
+        same = run.config().settings() == cfg.settings()
+    except (PbexportError, TypeError):  # no run there, or not one this pbexport reads
+        same = False
+    if same and (out / "metrics.json").exists():
+        return run.metrics()
+    resume = same and run.latest_checkpoint() is not None
+    if not resume and out.exists():
+        shutil.rmtree(out)
+    return train(cfg, out, resume=resume, progress=progress)
 
 
 def _train_epoch(model, optimizer, train_set, cfg, epoch, steps_per_epoch, total_steps, progress) -> dict:

@@ -8,6 +8,8 @@ import sys
 
 from conftest import REPO
 
+from pbexport.runs import RUN_FORMAT, RUN_FORMAT_VERSION
+
 
 def test_piggyback_clearly_beats_classifier_only_on_real_data(resnet20_weights, shared_data, tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "tools" / "bench_accuracy.py"), "--quick", "--quiet",
@@ -41,8 +43,9 @@ def test_a_finished_run_is_reused_only_while_its_settings_match(tmp_path):
         cfg.update(changes)
         run = tmp_path / "-".join([variant, *changes])
         run.mkdir()
-        (run / "config.json").write_text(json.dumps({"config": cfg}))
-        return ba._stored_config(run) == ba._settings(ba.make_config("cifar_resnet20", "gtsrb", variant, 0, Args))
+        (run / "config.json").write_text(json.dumps({"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION,
+                                                     "config": cfg}))
+        return ba._stored_settings(run) == ba.make_config("cifar_resnet20", "gtsrb", variant, 0, Args).settings()
 
     assert stored("piggyback-bn")
     assert not stored("piggyback-bn", lr_mask=1e-3)  # trained under an older default: train again

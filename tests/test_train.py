@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from pbexport import PbexportError
 from pbexport.backbones import load_backbone
 from pbexport.runs import load_run
-from pbexport.training import TrainConfig, evaluate, train
+from pbexport.training import TrainConfig, evaluate, train, train_or_reuse
 
 ARCHS = [
     pytest.param("cifar_resnet20", id="cifar_resnet20"),
@@ -105,6 +105,40 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path, tiny_
         train(_cfg(tiny_npz), tmp_path / "other", resume=True, progress=False)
     with pytest.raises(PbexportError, match="already exists and is not empty"):
         train(_cfg(tiny_npz), tmp_path / "run", progress=False)
+
+
+def test_train_or_reuse_keeps_a_finished_run_while_its_settings_match(tmp_path, tiny_npz, monkeypatch):
+    import pbexport.training as training
+
+    run = tmp_path / "run"
+    first = train_or_reuse(_cfg(tiny_npz, method="finetune"), run, progress=False)
+    calls = []
+    monkeypatch.setattr(training, "train", lambda cfg, out, **kw: calls.append(kw) or {"retrained": True})
+    # a setting fine-tuning never reads (the mask lr) does not make the run stale; one it reads does
+    assert train_or_reuse(_cfg(tiny_npz, method="finetune", lr_mask=1.0), run, progress=False) == first
+    assert calls == []
+    retrained = train_or_reuse(_cfg(tiny_npz, method="finetune", lr_backbone=1.0), run, progress=False)
+    assert retrained == {"retrained": True}
+    assert calls == [{"resume": False, "progress": False}] and not run.exists()  # the stale run was replaced
+
+
+def test_train_or_reuse_continues_an_interrupted_run(tmp_path, tiny_npz, monkeypatch):
+    cfg = _cfg(tiny_npz, epochs=2)
+    real_step = torch.optim.Adam.step
+    calls = {"n": 0}
+
+    def crashing_step(self, *a, **kw):  # dies in epoch 2 (1 step per epoch)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_or_reuse(cfg, tmp_path / "run", progress=False)
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    metrics = train_or_reuse(cfg, tmp_path / "run", progress=False)
+    assert calls["n"] == 2 and [e["epoch"] for e in metrics["epochs"]] == [1, 2]  # epoch 1 was not redone
 
 
 def test_finetune_run_serves_as_backbone_weights(tmp_path, tiny_npz):

@@ -31,8 +31,9 @@ from pbexport.bundle import load_bundle, pack_runs
 from pbexport.data import ImageSet
 from pbexport.errors import PbexportError
 from pbexport.report import format_table
+from pbexport.runs import RunDir
 from pbexport.taskmodel import TaskModel
-from pbexport.training import TrainConfig, evaluate, predict_logits, train
+from pbexport.training import TrainConfig, evaluate, predict_logits, train_or_reuse
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 WEIGHTS = {"cifar_resnet20": SHARED / "resnet_cifar10" / "resnet20-12fca82f.th",
@@ -72,14 +73,8 @@ def run_one(out: Path, backbone: str, data: str, variant: str, seed: int, args) 
     dataset = dataset_key(data)
     run_dir = out / "runs" / backbone / dataset / f"{variant}-s{seed}"
     cfg = make_config(backbone, data, variant, seed, args)
-    # A run is reused only if it was trained with exactly this config (defaults may have changed since).
-    same = run_dir.exists() and _stored_config(run_dir) == _settings(cfg)
-    if not (same and (run_dir / "metrics.json").exists()):
-        resume = same and any((run_dir / "checkpoints").glob("*.json"))  # an interrupted run: continue it
-        if not resume and run_dir.exists():
-            shutil.rmtree(run_dir)
-        train(cfg, run_dir, resume=resume, progress=not args.quiet)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # reused only if trained with this config's settings (defaults may have changed since)
+    metrics = train_or_reuse(cfg, run_dir, progress=not args.quiet)
     return {"backbone": backbone, "dataset": dataset, "data": data, "variant": variant, "seed": seed,
             "run": str(run_dir), "test_accuracy": metrics["test_accuracy"], "mask_density": metrics["mask_density"],
             "train_seconds": sum(e["seconds"] for e in metrics["epochs"])}
@@ -98,23 +93,16 @@ def earlier_rows(out: Path, planned: set, args) -> list[dict]:
             continue
         cfg = make_config(r["backbone"], r.get("data", r["dataset"]), r["variant"], r["seed"], args)
         run = Path(r["run"])
-        if (run / "metrics.json").exists() and _stored_config(run) == _settings(cfg):
+        if (run / "metrics.json").exists() and _stored_settings(run) == cfg.settings():
             kept.append(r)
     return kept
 
 
-def _stored_config(run_dir: Path) -> dict | None:
+def _stored_settings(run_dir: Path) -> dict | None:
     try:
-        return _settings(TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())["config"]))
-    except (OSError, ValueError, KeyError, TypeError, PbexportError):
+        return RunDir(run_dir).config().settings()
+    except (PbexportError, TypeError):
         return None
-
-
-def _settings(cfg: TrainConfig) -> dict:
-    """The settings that shape a run of cfg's method (a new mask default does not touch fine-tune runs)."""
-    unused = {"classifier": ("lr_mask", "mask_decay", "lr_backbone"), "finetune": ("lr_mask", "mask_decay"),
-              "piggyback": ("lr_backbone",)}[cfg.method]
-    return {k: v for k, v in cfg.to_dict().items() if k not in unused}
 
 
 def base_task_check(backbone: str, bundle_dir: Path) -> dict:

@@ -35,7 +35,7 @@ from pbexport import load_bundle, pack_runs  # noqa: E402
 from pbexport.export import main_export  # noqa: E402
 from pbexport.quantize import quantize_model  # noqa: E402
 from pbexport.report import format_table  # noqa: E402
-from pbexport.training import TrainConfig, train  # noqa: E402
+from pbexport.training import TrainConfig, train_or_reuse  # noqa: E402
 
 SHARED = Path(os.environ.get("PBEXPORT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 WEIGHTS = {"cifar_resnet20": "resnet_cifar10/resnet20-12fca82f.th",
@@ -48,19 +48,6 @@ GOAL_MAX_DROP = 1.0  # top-1 points
 
 def dataset_path(name: str) -> Path:
     return SHARED / DATASETS[name] if name in DATASETS else Path(name)
-
-
-def train_or_reuse(cfg: TrainConfig, run_dir: Path, quiet: bool) -> dict:
-    """A finished run with the same config is reused, an interrupted one continued, anything else retrained."""
-    done = (run_dir / "metrics.json").exists()
-    config_file = run_dir / "config.json"
-    same = config_file.exists() and json.loads(config_file.read_text()).get("config") == cfg.to_dict()
-    if done and same:
-        return json.loads((run_dir / "metrics.json").read_text())
-    resume = same and any((run_dir / "checkpoints").glob("epoch-*.json"))
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    return train(cfg, run_dir, resume=resume, progress=not quiet)
 
 
 def latency(float_path: Path, int8_path: Path, batch: int, size: int, rounds: int, inner: int, threads: int,
@@ -128,7 +115,7 @@ def main(argv=None) -> int:
                                    seed=args.seed)
         run_dir = args.workdir / "runs" / args.backbone / f"{task}-{budget}"
         print(f"[{time.time() - started:5.0f}s] training {args.backbone} on {task} ({budget}) -> {run_dir}", flush=True)
-        metrics[task] = train_or_reuse(cfg, run_dir, args.quiet)
+        metrics[task] = train_or_reuse(cfg, run_dir, progress=not args.quiet)
         runs.append(run_dir)
         tasks.append((task, d))
 
