@@ -52,6 +52,10 @@ def test_a_finished_run_is_reused_only_while_its_settings_match(tmp_path):
     assert stored("finetune", lr_mask=1e-3)  # the mask lr never touches a fine-tune run
     assert not stored("finetune", lr_backbone=1e-2)
     # the frontier never repeats the default recipe under another name
-    defaults = (ba.TrainConfig.lr_mask, ba.TrainConfig.mask_decay)
-    assert all((v["lr_mask"], v["mask_decay"]) != defaults for v in ba.FRONTIER.values())
-    assert len(ba.FRONTIER) == len(ba.FRONTIER_RECIPES) - 1
+    assert not stored("piggyback-bn", augment="none")
+    assert stored("piggyback-bn-none", augment="none")
+    # the frontier never repeats the default recipe under another name
+    defaults = ba.make_config("cifar_resnet20", "gtsrb", "piggyback-bn", 0, Args).settings()
+    recipes = [ba.make_config("cifar_resnet20", "gtsrb", v, 0, Args).settings() for v in ba.FRONTIER]
+    assert all({**r, "task": ""} != {**defaults, "task": ""} for r in recipes)
+    assert len(ba.FRONTIER) >= len(ba.FRONTIER_RECIPES) - 1

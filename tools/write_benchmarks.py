@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 ACC_BACKBONES = ["cifar_resnet20", "cifar_resnet56"]
 ACC_DATASETS = ["gtsrb", "mnist"]
 ACC_VARIANTS = ["classifier", "piggyback", "piggyback-bn", "finetune"]
+FINETUNE_VARIANTS = ("finetune", "finetune-none")  # the goal compares with the stronger of those measured
 ACC_SEEDS = [0, 1, 2]
 DEFAULT_RECIPE = "piggyback-bn"
 FRONTIER_PREFIX = "piggyback-bn-"  # bench_accuracy.py --frontier: the default recipe with other mask settings
@@ -321,10 +322,15 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
     def accs(b, d, v):
         return [100 * cells[(b, d, v, s)]["test_accuracy"] for s in seeds if (b, d, v, s) in cells]
 
+    def best_finetune(b, d) -> tuple[str | None, list[float]]:
+        """The fine-tune variant with the higher mean here (fine-tuning at its better augmentation)."""
+        tried = [(v, accs(b, d, v)) for v in FINETUNE_VARIANTS if accs(b, d, v)]
+        return max(tried, key=lambda t: statistics.mean(t[1])) if tried else (None, [])
+
     summary = []
     for b in backbones:
         for d in datasets:
-            ft = accs(b, d, "finetune")
+            _, ft = best_finetune(b, d)
             cl = accs(b, d, "classifier")
             for v in variants:
                 a = accs(b, d, v)
@@ -337,7 +343,7 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
                 summary.append({
                     "backbone": b, "dataset": d, "variant": v, "seeds": len(a), "mean": statistics.mean(a),
                     "std": statistics.pstdev(a) if len(a) > 1 else 0.0,
-                    "ft_lead": statistics.mean(ft) - statistics.mean(a) if ft and v != "finetune" else None,
+                    "ft_lead": statistics.mean(ft) - statistics.mean(a) if ft and v not in FINETUNE_VARIANTS else None,
                     "over_classifier": statistics.mean(a) - statistics.mean(cl) if cl and v != "classifier" else None,
                     "bytes": int(statistics.mean(by)) if by else None,
                     "bits": statistics.mean(bits) if bits else None, "density": statistics.mean(dens) if dens else None,
@@ -354,7 +360,9 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
             "on the real test sets (GTSRB 3,000 images, MNIST 2,000). `piggyback-bn` is pbexport's default recipe "
             "(mask + head + per-task BN, `pbexport train` with no tuning flags); `piggyback` keeps the backbone's BN; "
             "`classifier` trains the head only; "
-            "`finetune` trains every weight. \"fine-tune lead\" = fine-tune mean minus this method's mean (the goal "
+            "`finetune` trains every weight; all of them with the default augmentation (random shifted crops), "
+            "`finetune-none` without (`--augment none`). \"fine-tune lead\" = the stronger fine-tune's mean minus "
+            "this method's mean (the goal "
             "wants it <= 0 for piggyback-bn); \"over classifier\" = this mean minus classifier-only's.",
             ""]
     if cells:
@@ -407,8 +415,9 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
     goals = []
     for b in backbones:
         for d in datasets:
-            pb, ft = accs(b, d, DEFAULT_RECIPE), accs(b, d, "finetune")
-            name = f"{DEFAULT_RECIPE} vs fine-tune, {b} on {d}: fine-tune lead (mean over seeds)"
+            pb = accs(b, d, DEFAULT_RECIPE)
+            ft_name, ft = best_finetune(b, d)
+            name = f"{DEFAULT_RECIPE} vs fine-tune, {b} on {d}: stronger fine-tune's lead (mean over seeds)"
             if not pb or not ft:
                 need = sum(estimate_seconds(known, b, d, v) or 0.0
                            for v in (DEFAULT_RECIPE, "finetune") for s in seeds if (b, d, v, s) not in cells)
@@ -416,13 +425,12 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
                 continue
             lead = statistics.mean(ft) - statistics.mean(pb)
             n = min(len(pb), len(ft))
-            measured = (f"{lead:+.2f} ({statistics.mean(pb):.2f}% vs {statistics.mean(ft):.2f}%, "
-                        f"{n}/{len(seeds)} seeds)")
+            measured = (f"{lead:+.2f} ({statistics.mean(pb):.2f}% vs {ft_name} {statistics.mean(ft):.2f}%, "
+                        f"{len(pb)} vs {len(ft)} of {len(seeds)} seeds)")
             note = "" if lead <= 0 else (
-                f"fine-tuning ahead by {lead:.2f} points on this budget; untested candidates to close it: a longer "
-                "schedule (10 epochs is the 2-core calibration budget, the paper trains 30), a recipe chosen over "
-                "3 seeds and both backbones (the mask lr was chosen on one seed of cifar_resnet20, and the seed "
-                "spread is as large as the gap)")
+                f"fine-tuning ahead by {lead:.2f} points on this budget, within the seed spread (a test accuracy on "
+                "3,000 images has a standard error of ~0.3 points); tried on cifar_resnet20 GTSRB without closing "
+                "it (the frontier table): no augmentation, 15 epochs instead of 10, head/BN lr 3e-3")
             if n < len(seeds):
                 note = (note + "; " if note else "") + f"provisional: {len(seeds) - n} seed(s) missing"
             goals.append(Goal("accuracy", name, "<= 0 points", measured, status(lead <= 0), note))
@@ -597,12 +605,13 @@ def _recipe(run: str | None) -> str:
     config = (read_json(Path(run) / "config.json") or {}).get("config", {}) if run else {}
     if not config:
         return "?"
-    return f"mask lr {config.get('lr_mask'):g}, mask decay {config.get('mask_decay', 0.0):g}"
+    return (f"mask lr {config.get('lr_mask'):g}, mask decay {config.get('mask_decay', 0.0):g}, "
+            f"augment {config.get('augment')}, head lr {config.get('lr_head'):g}, {config.get('epochs')} epochs")
 
 
 def _frontier_note(here: list[dict], ft: dict) -> str:
     """Why the frontier goal is missed on one (backbone, dataset): the best recipe tried within the bit budget."""
-    within = [s for s in here if s["variant"] != "finetune" and s["stored_bits_per_param"] is not None
+    within = [s for s in here if s["variant"] not in FINETUNE_VARIANTS and s["stored_bits_per_param"] is not None
               and s["stored_bits_per_param"] <= FRONTIER_BITS]
     if not within:
         return (f"no recipe tried here stores in <= {FRONTIER_BITS} bits; the decay recipes "
@@ -617,12 +626,13 @@ def _frontier_note(here: list[dict], ft: dict) -> str:
 def section_frontier(results: Path, cells: dict, img_dir: Path, out_dir: Path) -> tuple[str, list[Goal]]:
     """Accuracy against stored bits per masked parameter, for the default recipe and the recipes beside it."""
     acc = read_json(results / "accuracy" / "accuracy.json") or {}
-    summary = [s for s in acc.get("summary", []) if s["variant"] == DEFAULT_RECIPE or s["variant"] == "finetune"
+    summary = [s for s in acc.get("summary", []) if s["variant"] in (DEFAULT_RECIPE, *FINETUNE_VARIANTS)
                or s["variant"].startswith(FRONTIER_PREFIX)]
     text = ["## Accuracy against storage (the frontier)",
             "",
             "`piggyback-bn` is the default recipe; the `piggyback-bn-*` rows are the same recipe with another mask "
-            "learning rate or mask decay (`--lr-mask`, `--mask-decay`), trained on the same budget by "
+            "learning rate, mask decay or augmentation (`--lr-mask`, `--mask-decay`, `--augment`), trained on the "
+            "same budget by "
             "`tools/bench_accuracy.py --frontier`. Stored bits per masked parameter are what the bundle's mask "
             f"codec wrote. Goal: fine-tune accuracy at <= {FRONTIER_BITS} stored bits per parameter per task.",
             ""]
@@ -639,8 +649,10 @@ def section_frontier(results: Path, cells: dict, img_dir: Path, out_dir: Path) -
     rows = []
     for key in keys:
         here = [s for s in summary if (s["backbone"], s["dataset"]) == key]
-        ft = next((s for s in here if s["variant"] == "finetune"), None)
-        for s in sorted((s for s in here if s["variant"] != "finetune"), key=lambda s: s["stored_bits_per_param"] or 0):
+        fts = [s for s in here if s["variant"] in FINETUNE_VARIANTS]
+        ft = max(fts, key=lambda s: s["accuracy_mean"]) if fts else None  # fine-tuning at its better augmentation
+        for s in sorted((s for s in here if s["variant"] not in FINETUNE_VARIANTS),
+                        key=lambda s: s["stored_bits_per_param"] or 0):
             run = next((r["run"] for r in acc["rows"] if (r["backbone"], r["dataset"], r["variant"]) ==
                         (*key, s["variant"])), None)
             lead = ft["accuracy_mean"] - s["accuracy_mean"] if ft else None
@@ -921,6 +933,7 @@ def section_int8(results: Path) -> tuple[str, list[Goal]]:
             Goal("int8", "int8 top-1 drop", f"<= {INT8_DROP:g} point", "-", "not measured", "run bench_int8.py")]
     budget = f"{d['epochs']} epochs x {d['max_train_samples'] or 'all'} train images, seed {d['seed']}"
     recipe = f"mask lr {d['lr_mask']:g}" if "lr_mask" in d else "mask lr 1e-3, the default before 3e-4"
+    recipe += f", augment {d.get('augment', 'crop')}"  # files without the key were made when crop was the default
     text += [f"{d['backbone']} piggyback tasks (per-task BN, {recipe}) trained {budget}, exported baked, quantized "
              "with "
              f"`pbexport.quantize.quantize_model(..., per_channel=True)` (static QDQ, uint8 activations x int8 "
