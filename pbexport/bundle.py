@@ -239,6 +239,11 @@ def _group_bn(params: dict[str, np.ndarray]) -> tuple[list[list], dict[str, np.n
     return table, rest
 
 
+def default_class_names(num_classes: int) -> list[str]:
+    """The names of unnamed classes ("0", "1", ...): a task file leaves them out."""
+    return [str(i) for i in range(num_classes)]
+
+
 def task_file_bytes(info: dict, masks: dict[str, np.ndarray] | list, params: dict[str, np.ndarray]) -> bytes:
     """Serialize one task (torch-free, deterministic: equal inputs give equal bytes).
 
@@ -267,7 +272,8 @@ def task_file_bytes(info: dict, masks: dict[str, np.ndarray] | list, params: dic
     metadata = {
         "format": TASK_FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "task": _canonical_json({k: info[k] for k in required}),
+        "task": _canonical_json({k: info[k] for k in required
+                                 if k != "class_names" or list(info[k]) != default_class_names(info["num_classes"])}),
         "masks": _canonical_json([[e.codec, e.ones, len(e.payload), e.sha256[:CHECKSUM_HEX]] for _, e in encoded]),
         "bn": _canonical_json(bn_table),
         "params_checksum": _checksum(*(arr.tobytes() for _, arr in dense)),
@@ -375,7 +381,8 @@ def parse_task_file(data: bytes, path: str | Path, masked=None) -> TaskFile:
     try:
         _need(isinstance(info.get("name"), str), "task name must be a string")
         _need(_is_int(info.get("num_classes"), 1), "num_classes must be a positive integer")
-        _need(isinstance(info.get("class_names"), list) and len(info["class_names"]) == info["num_classes"]
+        info.setdefault("class_names", default_class_names(info["num_classes"]))  # absent: the labels' digits
+        _need(isinstance(info["class_names"], list) and len(info["class_names"]) == info["num_classes"]
               and all(isinstance(c, str) for c in info["class_names"]), "class_names must be num_classes strings")
         _need(info.get("method") in PACKABLE_METHODS, f"method must be one of {', '.join(PACKABLE_METHODS)}")
         _need(isinstance(info.get("train_bn"), bool), "train_bn must be true or false")

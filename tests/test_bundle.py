@@ -593,6 +593,21 @@ def test_golden_task_file_bytes(tmp_path):
         parse_task_file(data, "x", [dict(e, shape=[1, *e["shape"]]) for e in GOLDEN_TABLE])
 
 
+def test_unnamed_classes_are_left_out_of_the_task_file_and_read_back(tmp_path):
+    info, masks, params = _golden_task()
+    unnamed = dict(info, class_names=["0", "1", "2", "3"])
+    data = task_file_bytes(unnamed, masks, params)
+    (n,) = np.frombuffer(data[:8], "<u8")
+    assert "class_names" not in json.loads(json.loads(data[8:8 + n])["__metadata__"]["task"])
+    assert len(data) < len(task_file_bytes(info, masks, params))
+    assert parse_task_file(data, "x", GOLDEN_TABLE).info == unnamed
+    # a file that spells the default names out (as earlier writers did) reads the same
+    tensors, metadata = stfile.loads(data, "x")
+    spelled = stfile.dumps(list(tensors.items()),
+                           dict(metadata, task=json.dumps(unnamed, separators=(",", ":"), sort_keys=True)))
+    assert parse_task_file(spelled, "x", GOLDEN_TABLE).info == unnamed
+
+
 # ----------------------------------------------------------------------------- torch-free reading
 def _fake_bundle(root: Path, table: dict[str, tuple], tasks: dict[str, tuple[dict, dict]]) -> Path:
     """A bundle written by hand (torch-free): table = masked name -> shape; tasks = name -> (masks, params)."""
