@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import numpy as np
@@ -27,6 +28,29 @@ def _cfg(tiny_npz, **kw):
                 max_train_samples=8, val_fraction=0.25, input_size=32)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def _counting(step, calls: list):
+    def counted(self, *a, **kw):
+        calls.append(1)
+        return step(self, *a, **kw)
+    return counted
+
+
+@contextlib.contextmanager
+def killed_at_step(n: int, monkeypatch):
+    """Training inside dies (KeyboardInterrupt) at its n-th optimizer step, as if killed there."""
+    real_step, calls = torch.optim.Adam.step, []
+
+    def crashing_step(self, *a, **kw):
+        if len(calls) + 1 == n:
+            raise KeyboardInterrupt("simulated kill")
+        return _counting(real_step, calls)(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        yield
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
 
 
 @pytest.mark.parametrize("method", ["piggyback", "classifier", "finetune"])
@@ -71,19 +95,8 @@ def test_resume_after_an_interrupted_epoch_reproduces_the_run(tmp_path, tiny_npz
     cfg = _cfg(tiny_npz, epochs=3, max_train_samples=None, method="piggyback", train_bn=True)
     full = train(cfg, tmp_path / "full", progress=False)
 
-    real_step = torch.optim.Adam.step
-    calls = {"n": 0}
-
-    def crashing_step(self, *a, **kw):  # dies in the middle of epoch 3 (4 steps per epoch)
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(self, *a, **kw)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(10, monkeypatch):  # in the middle of epoch 3 (4 steps per epoch)
         train(cfg, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
     assert not (tmp_path / "resumed" / "metrics.json").exists()
     resumed = train(cfg, tmp_path / "resumed", resume=True, progress=False)
 
@@ -124,21 +137,12 @@ def test_train_or_reuse_keeps_a_finished_run_while_its_settings_match(tmp_path, 
 
 def test_train_or_reuse_continues_an_interrupted_run(tmp_path, tiny_npz, monkeypatch):
     cfg = _cfg(tiny_npz, epochs=2)
-    real_step = torch.optim.Adam.step
-    calls = {"n": 0}
-
-    def crashing_step(self, *a, **kw):  # dies in epoch 2 (1 step per epoch)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(self, *a, **kw)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(2, monkeypatch):  # in epoch 2 (1 step per epoch)
         train_or_reuse(cfg, tmp_path / "run", progress=False)
-    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    steps = []
+    monkeypatch.setattr(torch.optim.Adam, "step", _counting(torch.optim.Adam.step, steps))
     metrics = train_or_reuse(cfg, tmp_path / "run", progress=False)
-    assert calls["n"] == 2 and [e["epoch"] for e in metrics["epochs"]] == [1, 2]  # epoch 1 was not redone
+    assert len(steps) == 1 and [e["epoch"] for e in metrics["epochs"]] == [1, 2]  # epoch 1 was not redone
 
 
 def test_finetune_run_serves_as_backbone_weights(tmp_path, tiny_npz):
