@@ -265,9 +265,10 @@ def estimate_seconds(cells: dict, backbone: str, dataset: str, variant: str) -> 
 
     for match in (lambda r: (r["backbone"], r["dataset"], r["variant"]) == (backbone, dataset, variant),
                   lambda r: (r["backbone"], r["variant"]) == (backbone, variant),
-                  lambda r: r["backbone"] == backbone,
+                  # the same method on another depth (scaled) predicts better than another method
                   lambda r: (r["dataset"], r["variant"]) == (dataset, variant),
                   lambda r: r["variant"] == variant,
+                  lambda r: r["backbone"] == backbone,
                   lambda r: True):
         vals = [scaled(r) if r["backbone"] != backbone else cost(r) for r in cells.values() if match(r)]
         vals = [v for v in vals if v]
@@ -411,6 +412,16 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
                      "(hours: see above)\n"
                      "python tools/bench_accuracy.py --backbones cifar_resnet20 --seeds 0   # one backbone, one seed"))
 
+    def closest_recipe(b, d, ft) -> str:
+        """The recipe beside the default that came closest to fine-tuning here, if any was run."""
+        tried = {v: accs(b, d, v) for v in dict.fromkeys(k[2] for k in cells if k[:2] == (b, d))
+                 if v.startswith(FRONTIER_PREFIX)}
+        if not tried:
+            return ""
+        v, a = min(tried.items(), key=lambda t: statistics.mean(ft) - statistics.mean(t[1]))
+        return (f"; the closest recipe tried here: {v}, fine-tune lead {statistics.mean(ft) - statistics.mean(a):+.2f} "
+                f"({len(a)} seed(s))")
+
     # goals
     goals = []
     for b in backbones:
@@ -431,8 +442,7 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
             note = "" if lead <= 0 else (
                 f"fine-tuning ahead by {lead:.2f} points on this budget"
                 + (f", less than one seed standard deviation (±{spread:.2f})" if lead < spread else "")
-                + "; tried on cifar_resnet20 GTSRB without closing it (the frontier table): no augmentation, "
-                "15 epochs instead of 10, head/BN lr 3e-3")
+                + closest_recipe(b, d, ft) + " (the recipes tried: docs/TRAINING.md)")
             if n < len(seeds):
                 note = (note + "; " if note else "") + f"provisional: {len(seeds) - n} seed(s) missing"
             goals.append(Goal("accuracy", name, "<= 0 points", measured, status(lead <= 0), note))
