@@ -92,7 +92,8 @@ def backbones_cmd() -> None:
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="Share of train held out to pick the best epoch (never the test split).")
 @click.option("--augment", type=click.Choice(["none", "crop", "crop+flip"]), default="crop", show_default=True,
-              help="Training-time augmentation: random shifts (crop), plus horizontal flips.")
+              help="Training-time augmentation. crop: random shifts by up to 1/8 of the size; crop+flip: also "
+                   "horizontal flips.")
 @click.option("--input-size", type=int, default=None, help="Override the backbone's input size.")
 @click.option("--max-train-samples", type=int, default=None, help="Use a seeded subset of train.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last checkpoint.")

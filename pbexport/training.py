@@ -164,19 +164,26 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     return metrics
 
 
+def run_settings(out: str | Path) -> dict | None:
+    """The settings (TrainConfig.settings) run directory ``out`` was trained with; None if it is no run."""
+    try:
+        return runs.RunDir(out).config().settings()
+    except (PbexportError, TypeError):  # no run there, or not one this pbexport reads
+        return None
+
+
 def train_or_reuse(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> dict:
     """The metrics of run ``out``: reused if it finished with ``cfg``'s settings, continued from its last
-    checkpoint if it was interrupted, trained afresh otherwise (a stale run is replaced)."""
+    checkpoint if it was interrupted, trained afresh otherwise. A stale run is replaced; a directory
+    that is not a run is left alone (train refuses it if it is not empty)."""
     out = Path(out)
     run = runs.RunDir(out)
-    try:
-        same = run.config().settings() == cfg.settings()
-    except (PbexportError, TypeError):  # no run there, or not one this pbexport reads
-        same = False
+    stored = run_settings(out)
+    same = stored == cfg.settings()
     if same and (out / "metrics.json").exists():
         return run.metrics()
     resume = same and run.latest_checkpoint() is not None
-    if not resume and out.exists():
+    if stored is not None and not resume:
         shutil.rmtree(out)
     return train(cfg, out, resume=resume, progress=progress)
 

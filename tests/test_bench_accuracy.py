@@ -45,7 +45,7 @@ def test_a_finished_run_is_reused_only_while_its_settings_match(tmp_path):
         run.mkdir()
         (run / "config.json").write_text(json.dumps({"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION,
                                                      "config": cfg}))
-        return ba._stored_settings(run) == ba.make_config("cifar_resnet20", "gtsrb", variant, 0, Args).settings()
+        return ba.run_settings(run) == ba.make_config("cifar_resnet20", "gtsrb", variant, 0, Args).settings()
 
     assert stored("piggyback-bn")
     assert not stored("piggyback-bn", lr_mask=1e-3)  # trained under an older default: train again

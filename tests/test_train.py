@@ -133,6 +133,14 @@ def test_train_or_reuse_keeps_a_finished_run_while_its_settings_match(tmp_path, 
     retrained = train_or_reuse(_cfg(tiny_npz, method="finetune", lr_backbone=1.0), run, progress=False)
     assert retrained == {"retrained": True}
     assert calls == [{"resume": False, "progress": False}] and not run.exists()  # the stale run was replaced
+    # a directory that is not a run is never deleted: training refuses it, its files intact
+    monkeypatch.undo()
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(PbexportError, match="already exists and is not empty"):
+        train_or_reuse(_cfg(tiny_npz), other, progress=False)
+    assert (other / "keep.txt").read_text() == "mine"
 
 
 def test_train_or_reuse_continues_an_interrupted_run(tmp_path, tiny_npz, monkeypatch):

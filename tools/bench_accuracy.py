@@ -29,11 +29,9 @@ import torch
 from pbexport.backbones import load_backbone
 from pbexport.bundle import load_bundle, pack_runs
 from pbexport.data import ImageSet
-from pbexport.errors import PbexportError
 from pbexport.report import format_table
-from pbexport.runs import RunDir
 from pbexport.taskmodel import TaskModel
-from pbexport.training import TrainConfig, evaluate, predict_logits, train_or_reuse
+from pbexport.training import TrainConfig, evaluate, predict_logits, run_settings, train_or_reuse
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 WEIGHTS = {"cifar_resnet20": SHARED / "resnet_cifar10" / "resnet20-12fca82f.th",
@@ -101,16 +99,9 @@ def earlier_rows(out: Path, planned: set, args) -> list[dict]:
             continue
         cfg = make_config(r["backbone"], r.get("data", r["dataset"]), r["variant"], r["seed"], args)
         run = Path(r["run"])
-        if (run / "metrics.json").exists() and _stored_settings(run) == cfg.settings():
+        if (run / "metrics.json").exists() and run_settings(run) == cfg.settings():
             kept.append(r)
     return kept
-
-
-def _stored_settings(run_dir: Path) -> dict | None:
-    try:
-        return RunDir(run_dir).config().settings()
-    except (PbexportError, TypeError):
-        return None
 
 
 def base_task_check(backbone: str, bundle_dir: Path) -> dict:
@@ -150,7 +141,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     for (backbone, dataset, variant), rs in groups.items():
         accs = [100 * r["test_accuracy"] for r in rs]
         ft_means = [statistics.mean(100 * r["test_accuracy"] for r in groups[(backbone, dataset, v)])
-                    for v in FINETUNE_VARIANTS if (backbone, dataset, v) in groups and v != variant]
+                    for v in FINETUNE_VARIANTS if (backbone, dataset, v) in groups]
         ft_mean = max(ft_means) if ft_means and variant not in FINETUNE_VARIANTS else None
         mean = statistics.mean(accs)
         bits = [r["stored_bits_per_param"] for r in rs if r.get("stored_bits_per_param") is not None]
