@@ -34,7 +34,9 @@ def test_no_results_means_every_goal_is_not_measured(tmp_path):
 def _run_dir(root, backbone, dataset, variant, seed, accuracy, epochs=2):
     run = root / "accuracy" / "runs" / backbone / dataset / f"{variant}-s{seed}"
     run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"config": {"epochs": epochs, "max_train_samples": 500}}))
+    method = variant.split("-")[0]  # as bench_accuracy names its variants: finetune-none fine-tunes
+    (run / "config.json").write_text(json.dumps({"config": {"method": method, "epochs": epochs,
+                                                            "max_train_samples": 500}}))
     (run / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy, "mask_density": None,
                                                   "epochs": [{"seconds": 60.0}] * epochs}))
 

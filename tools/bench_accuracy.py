@@ -52,6 +52,7 @@ FRONTIER_RECIPES = {"lr1e-3": {"lr_mask": 1e-3}, "lr3e-4": {"lr_mask": 3e-4}, "l
                     "lr1e-3-decay3e-6": {"lr_mask": 1e-3, "mask_decay": 3e-6},
                     "lr1e-3-decay1e-5": {"lr_mask": 1e-3, "mask_decay": 1e-5},
                     "none": {"augment": "none"}, "head3e-3": {"lr_head": 3e-3},
+                    "head1e-2": {"lr_head": 1e-2}, "lr1e-4-head3e-3": {"lr_mask": 1e-4, "lr_head": 3e-3},
                     "ep15": {"epochs": 15}}  # 1.5x the budget: does a longer schedule close the gap?
 FRONTIER = {f"piggyback-bn-{name}": {"method": "piggyback", **overrides}
             for name, overrides in FRONTIER_RECIPES.items()
@@ -81,8 +82,8 @@ def run_one(out: Path, backbone: str, data: str, variant: str, seed: int, args) 
     cfg = make_config(backbone, data, variant, seed, args)
     # reused only if trained with this config's settings (defaults may have changed since)
     metrics = train_or_reuse(cfg, run_dir, progress=not args.quiet)
-    return {"backbone": backbone, "dataset": dataset, "data": data, "variant": variant, "seed": seed,
-            "run": str(run_dir), "test_accuracy": metrics["test_accuracy"], "mask_density": metrics["mask_density"],
+    return {"backbone": backbone, "dataset": dataset, "data": data, "variant": variant, "method": cfg.method,
+            "seed": seed, "run": str(run_dir), "test_accuracy": metrics["test_accuracy"], "mask_density": metrics["mask_density"],
             "train_seconds": sum(e["seconds"] for e in metrics["epochs"])}
 
 
@@ -100,7 +101,7 @@ def earlier_rows(out: Path, planned: set, args) -> list[dict]:
         cfg = make_config(r["backbone"], r.get("data", r["dataset"]), r["variant"], r["seed"], args)
         run = Path(r["run"])
         if (run / "metrics.json").exists() and run_settings(run) == cfg.settings():
-            kept.append(r)
+            kept.append({**r, "method": cfg.method})
     return kept
 
 

@@ -50,7 +50,6 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 ACC_BACKBONES = ["cifar_resnet20", "cifar_resnet56"]
 ACC_DATASETS = ["gtsrb", "mnist"]
 ACC_VARIANTS = ["classifier", "piggyback", "piggyback-bn", "finetune"]
-FINETUNE_VARIANTS = ("finetune", "finetune-none")  # the goal compares with the stronger of those measured
 ACC_SEEDS = [0, 1, 2]
 DEFAULT_RECIPE = "piggyback-bn"
 FRONTIER_PREFIX = "piggyback-bn-"  # bench_accuracy.py --frontier: the default recipe with other mask settings
@@ -239,13 +238,21 @@ def collect_accuracy(acc_dir: Path) -> tuple[dict, dict | None, dict]:
             cells[key].setdefault("wall_seconds", wall)
             cells[key].setdefault("epochs", config.get("epochs"))
             cells[key].setdefault("max_train_samples", config.get("max_train_samples"))
+            cells[key].setdefault("method", config.get("method"))
             continue
         cells[key] = {"backbone": key[0], "dataset": key[1], "variant": key[2], "seed": key[3], "run": str(run),
                       "test_accuracy": metrics["test_accuracy"], "mask_density": metrics.get("mask_density"),
                       "train_seconds": sum(e.get("seconds", 0.0) for e in metrics.get("epochs", [])),
                       "wall_seconds": wall, "epochs": config.get("epochs"),
-                      "max_train_samples": config.get("max_train_samples"), "source": "run directory"}
+                      "max_train_samples": config.get("max_train_samples"), "method": config.get("method"),
+                      "source": "run directory"}
     return cells, data, partial
+
+
+def finetune_variants(cells: dict) -> set[str]:
+    """The variants that fine-tune the whole net (the runs say so): the accuracy goals compare with the
+    stronger of them, e.g. fine-tuning with and without augmentation."""
+    return {k[2] for k, r in cells.items() if r.get("method") == "finetune"} | {"finetune"}
 
 
 def _depth(backbone: str) -> float | None:
@@ -288,6 +295,7 @@ def hours(seconds: float | None) -> str:
 def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: dict) -> tuple[str, list[Goal], dict]:
     acc_dir = results / "accuracy"
     cells, data, partial = collect_accuracy(acc_dir)
+    fine_tunes = finetune_variants(cells)
     backbones = list(dict.fromkeys(ACC_BACKBONES + [k[0] for k in cells]))
     datasets = list(dict.fromkeys(ACC_DATASETS + [k[1] for k in cells]))
     variants = list(dict.fromkeys(ACC_VARIANTS + [k[2] for k in cells if not k[2].startswith(FRONTIER_PREFIX)]))
@@ -325,7 +333,7 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
 
     def best_finetune(b, d) -> tuple[str | None, list[float]]:
         """The fine-tune variant with the higher mean here (fine-tuning at its better augmentation)."""
-        tried = [(v, accs(b, d, v)) for v in FINETUNE_VARIANTS if accs(b, d, v)]
+        tried = [(v, accs(b, d, v)) for v in sorted(fine_tunes) if accs(b, d, v)]
         return max(tried, key=lambda t: statistics.mean(t[1])) if tried else (None, [])
 
     summary = []
@@ -344,7 +352,7 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
                 summary.append({
                     "backbone": b, "dataset": d, "variant": v, "seeds": len(a), "mean": statistics.mean(a),
                     "std": statistics.pstdev(a) if len(a) > 1 else 0.0,
-                    "ft_lead": statistics.mean(ft) - statistics.mean(a) if ft and v not in FINETUNE_VARIANTS else None,
+                    "ft_lead": statistics.mean(ft) - statistics.mean(a) if ft and v not in fine_tunes else None,
                     "over_classifier": statistics.mean(a) - statistics.mean(cl) if cl and v != "classifier" else None,
                     "bytes": int(statistics.mean(by)) if by else None,
                     "bits": statistics.mean(bits) if bits else None, "density": statistics.mean(dens) if dens else None,
@@ -621,9 +629,9 @@ def _recipe(run: str | None) -> str:
             f"augment {config.get('augment')}, head lr {config.get('lr_head'):g}, {config.get('epochs')} epochs")
 
 
-def _frontier_note(here: list[dict], ft: dict) -> str:
+def _frontier_note(here: list[dict], ft: dict, fine_tunes: set[str]) -> str:
     """Why the frontier goal is missed on one (backbone, dataset): the best recipe tried within the bit budget."""
-    within = [s for s in here if s["variant"] not in FINETUNE_VARIANTS and s["stored_bits_per_param"] is not None
+    within = [s for s in here if s["variant"] not in fine_tunes and s["stored_bits_per_param"] is not None
               and s["stored_bits_per_param"] <= FRONTIER_BITS]
     if not within:
         return (f"no recipe tried here stores in <= {FRONTIER_BITS} bits; the decay recipes "
@@ -638,7 +646,8 @@ def _frontier_note(here: list[dict], ft: dict) -> str:
 def section_frontier(results: Path, cells: dict, img_dir: Path, out_dir: Path) -> tuple[str, list[Goal]]:
     """Accuracy against stored bits per masked parameter, for the default recipe and the recipes beside it."""
     acc = read_json(results / "accuracy" / "accuracy.json") or {}
-    summary = [s for s in acc.get("summary", []) if s["variant"] in (DEFAULT_RECIPE, *FINETUNE_VARIANTS)
+    fine_tunes = finetune_variants(cells)
+    summary = [s for s in acc.get("summary", []) if s["variant"] in (DEFAULT_RECIPE, *fine_tunes)
                or s["variant"].startswith(FRONTIER_PREFIX)]
     text = ["## Accuracy against storage (the frontier)",
             "",
@@ -661,9 +670,9 @@ def section_frontier(results: Path, cells: dict, img_dir: Path, out_dir: Path) -
     rows = []
     for key in keys:
         here = [s for s in summary if (s["backbone"], s["dataset"]) == key]
-        fts = [s for s in here if s["variant"] in FINETUNE_VARIANTS]
+        fts = [s for s in here if s["variant"] in fine_tunes]
         ft = max(fts, key=lambda s: s["accuracy_mean"]) if fts else None  # fine-tuning at its better augmentation
-        for s in sorted((s for s in here if s["variant"] not in FINETUNE_VARIANTS),
+        for s in sorted((s for s in here if s["variant"] not in fine_tunes),
                         key=lambda s: s["stored_bits_per_param"] or 0):
             run = next((r["run"] for r in acc["rows"] if (r["backbone"], r["dataset"], r["variant"]) ==
                         (*key, s["variant"])), None)
@@ -678,7 +687,7 @@ def section_frontier(results: Path, cells: dict, img_dir: Path, out_dir: Path) -
             goals.append(Goal("storage frontier", f"default recipe at fine-tune accuracy with <= {FRONTIER_BITS} "
                               f"stored bits/param, {key[0]} on {key[1]}", f"lead <= 0 at <= {FRONTIER_BITS} bits",
                               f"{bits:.3f} bits, fine-tune lead {lead:+.2f} ({default['seeds']} vs {ft['seeds']} "
-                              "seeds)", status(ok), "" if ok else _frontier_note(here, ft)))
+                              "seeds)", status(ok), "" if ok else _frontier_note(here, ft, fine_tunes)))
     text += [table(["backbone", "dataset", "recipe", "settings", "seeds", "test top-1 %", "± std", "fine-tune lead",
                     "stored bits/param", "mask density"], rows), ""]
     png = results / "accuracy" / "frontier.png"
