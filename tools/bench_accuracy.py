@@ -43,7 +43,9 @@ VARIANTS = {"classifier": {"method": "classifier"}, "piggyback": {"method": "pig
             "piggyback-bn": {"method": "piggyback"}, "finetune": {"method": "finetune"}}
 # Recipes beside the default (docs/TRAINING.md), run on request (--variants) or by --frontier.
 # fine-tuning without augmentation: "gap to fine-tune" compares with the stronger fine-tune
-EXTRA_FINETUNE = {"finetune-none": {"method": "finetune", "augment": "none"}}
+EXTRA_FINETUNE = {"finetune-none": {"method": "finetune", "augment": "none"},
+                  # fine-tuning with piggyback's faster head lr: is the baseline held back by its own?
+                  "finetune-head1e-2": {"method": "finetune", "lr_head": 1e-2}}
 # The storage frontier: the default recipe with another mask lr, mask decay or augmentation; a
 # recipe equal to the defaults is the piggyback-bn run itself.
 FRONTIER_RECIPES = {"lr1e-3": {"lr_mask": 1e-3}, "lr3e-4": {"lr_mask": 3e-4}, "lr1e-4": {"lr_mask": 1e-4},
