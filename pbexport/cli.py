@@ -82,7 +82,9 @@ def backbones_cmd() -> None:
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr-mask", type=float, default=3e-4, show_default=True, help="Adam lr of the mask scores.")
-@click.option("--lr-head", type=float, default=1e-3, show_default=True, help="Adam lr of the head (and per-task BN).")
+@click.option("--lr-head", type=float, default=None,
+              help="Adam lr of the head (and per-task BN). Default: 1e-2 for piggyback, 1e-3 for classifier and "
+                   "finetune.")
 @click.option("--lr-backbone", type=float, default=1e-3, show_default=True, help="Adam lr of all weights (finetune).")
 @click.option("--mask-decay", type=float, default=0.0, show_default=True,
               help="Pull switched-off mask scores back toward keep: fewer flips, fewer stored bits.")

@@ -120,6 +120,16 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path, tiny_
         train(_cfg(tiny_npz), tmp_path / "run", progress=False)
 
 
+def test_head_lr_default_depends_on_the_method():
+    def cfg(**kw):
+        return TrainConfig(backbone="cifar_resnet20", data="synthetic:x", task="t", **kw)
+    assert cfg().lr_head == 1e-2  # piggyback: the frozen backbone leaves the head and BN to adapt
+    assert cfg(method="classifier").lr_head == cfg(method="finetune").lr_head == 1e-3
+    assert cfg(lr_head=3e-3).lr_head == 3e-3
+    # stored resolved: a run trained before the default changed reads back with the value it used
+    assert TrainConfig.from_dict(cfg(method="finetune").to_dict()).lr_head == 1e-3
+
+
 def test_train_or_reuse_keeps_a_finished_run_while_its_settings_match(tmp_path, tiny_npz, monkeypatch):
     import pbexport.training as training
 

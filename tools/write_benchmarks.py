@@ -955,6 +955,7 @@ def section_int8(results: Path) -> tuple[str, list[Goal]]:
     budget = f"{d['epochs']} epochs x {d['max_train_samples'] or 'all'} train images, seed {d['seed']}"
     recipe = f"mask lr {d['lr_mask']:g}" if "lr_mask" in d else "mask lr 1e-3, the default before 3e-4"
     recipe += f", augment {d.get('augment', 'crop')}"  # files without the key were made when crop was the default
+    recipe += f", head lr {d.get('lr_head', 1e-3):g}"  # files without the key: 1e-3, the default before 1e-2
     text += [f"{d['backbone']} piggyback tasks (per-task BN, {recipe}) trained {budget}, exported baked, quantized "
              "with "
              f"`pbexport.quantize.quantize_model(..., per_channel=True)` (static QDQ, uint8 activations x int8 "
