@@ -88,7 +88,8 @@ def run_one(out: Path, backbone: str, data: str, variant: str, seed: int, args) 
     # reused only if trained with this config's settings (defaults may have changed since)
     metrics = train_or_reuse(cfg, run_dir, progress=not args.quiet)
     return {"backbone": backbone, "dataset": dataset, "data": data, "variant": variant, "method": cfg.method,
-            "seed": seed, "run": str(run_dir), "test_accuracy": metrics["test_accuracy"], "mask_density": metrics["mask_density"],
+            "seed": seed, "run": str(run_dir), "test_accuracy": metrics["test_accuracy"],
+            "mask_density": metrics["mask_density"],
             "train_seconds": sum(e["seconds"] for e in metrics["epochs"])}
 
 
@@ -231,9 +232,9 @@ def main() -> int:
                         help=f"default: {' '.join(VARIANTS)}; also: {extra}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--frontier", action="store_true",
-                        help="also run the other mask lr / mask decay / augmentation recipes (the storage "
-                             "frontier) on the first backbone, every dataset, --frontier-seeds; plots accuracy "
-                             "against stored bits")
+                        help="also run the recipes beside the default (mask lr, mask decay, head lr, "
+                             "augmentation, epochs: the storage frontier) on the first backbone, every dataset, "
+                             "--frontier-seeds; plots accuracy against stored bits")
     parser.add_argument("--frontier-seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--max-train-samples", type=int, default=None)

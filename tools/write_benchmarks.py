@@ -652,8 +652,8 @@ def section_frontier(results: Path, cells: dict, img_dir: Path, out_dir: Path) -
     text = ["## Accuracy against storage (the frontier)",
             "",
             "`piggyback-bn` is the default recipe; the `piggyback-bn-*` rows are the same recipe with another mask "
-            "learning rate, mask decay or augmentation (`--lr-mask`, `--mask-decay`, `--augment`), trained on the "
-            "same budget by "
+            "learning rate, mask decay, head/BN learning rate, augmentation or epoch count (`--lr-mask`, "
+            "`--mask-decay`, `--lr-head`, `--augment`, `--epochs`; the recipe column says which), trained by "
             "`tools/bench_accuracy.py --frontier`. Stored bits per masked parameter are what the bundle's mask "
             f"codec wrote. Goal: fine-tune accuracy at <= {FRONTIER_BITS} stored bits per parameter per task.",
             ""]
