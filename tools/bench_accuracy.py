@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pbexport import runs
 from pbexport.backbones import load_backbone
 from pbexport.bundle import load_bundle, pack_runs
 from pbexport.data import ImageSet
@@ -82,32 +84,35 @@ def dataset_key(data: str) -> str:
 
 
 def run_one(out: Path, backbone: str, data: str, variant: str, seed: int, args) -> dict:
-    dataset = dataset_key(data)
-    run_dir = out / "runs" / backbone / dataset / f"{variant}-s{seed}"
+    run_dir = out / "runs" / backbone / dataset_key(data) / f"{variant}-s{seed}"
     cfg = make_config(backbone, data, variant, seed, args)
     # reused only if trained with this config's settings (defaults may have changed since)
-    metrics = train_or_reuse(cfg, run_dir, progress=not args.quiet)
-    return {"backbone": backbone, "dataset": dataset, "data": data, "variant": variant, "method": cfg.method,
-            "seed": seed, "run": str(run_dir), "test_accuracy": metrics["test_accuracy"],
-            "mask_density": metrics["mask_density"],
-            "train_seconds": sum(e["seconds"] for e in metrics["epochs"])}
+    return run_row(cfg, variant, run_dir, train_or_reuse(cfg, run_dir, progress=not args.quiet))
+
+
+def run_row(cfg: TrainConfig, variant: str, run_dir: Path, metrics: dict) -> dict:
+    data = next((k for k, path in DATASETS.items() if str(path) == cfg.data), cfg.data)
+    return {"backbone": cfg.backbone, "dataset": dataset_key(data), "data": data, "variant": variant,
+            "method": cfg.method, "seed": cfg.seed, "run": str(run_dir), "test_accuracy": metrics["test_accuracy"],
+            "mask_density": metrics["mask_density"], "train_seconds": sum(e["seconds"] for e in metrics["epochs"])}
 
 
 def earlier_rows(out: Path, planned: set, args) -> list[dict]:
-    """Rows of earlier invocations on --out that are not planned now and still match today's settings
-    and defaults: results accumulate, so a benchmark can be completed piece by piece."""
-    try:
-        rows = json.loads((out / "accuracy.json").read_text())["rows"]
-    except (OSError, ValueError, KeyError):
-        return []
+    """Rows of the finished runs under --out/runs that are not planned now and were trained with today's
+    settings and defaults: results accumulate, so a benchmark can be completed piece by piece. Each row
+    is read from its run, so it always says what the run directory holds."""
     kept = []
-    for r in rows:
-        if (r["backbone"], r["dataset"], r["variant"], r["seed"]) in planned or r["variant"] not in ALL_VARIANTS:
+    for run in sorted((out / "runs").glob("*/*/*-s*")):
+        name = re.fullmatch(r"(.+)-s(\d+)", run.name)
+        if name is None or name[1] not in ALL_VARIANTS or not (run / "metrics.json").exists():
             continue
-        cfg = make_config(r["backbone"], r.get("data", r["dataset"]), r["variant"], r["seed"], args)
-        run = Path(r["run"])
-        if (run / "metrics.json").exists() and run_settings(run) == cfg.settings():
-            kept.append({**r, "method": cfg.method})
+        backbone, dataset, variant, seed = run.parent.parent.name, run.parent.name, name[1], int(name[2])
+        stored = run_settings(run)
+        if (backbone, dataset, variant, seed) in planned or stored is None:
+            continue
+        cfg = make_config(backbone, dataset if dataset in DATASETS else stored["data"], variant, seed, args)
+        if stored == cfg.settings():
+            kept.append(run_row(cfg, variant, run, runs.RunDir(run).metrics()))
     return kept
 
 

@@ -249,6 +249,12 @@ def collect_accuracy(acc_dir: Path) -> tuple[dict, dict | None, dict]:
     return cells, data, partial
 
 
+def lead(finetune_mean: float, mean: float) -> float:
+    """Fine-tuning's lead in points. Accuracies are counts over one test set: equal counts must compare
+    equal, not by the last bit of a float mean (and -0.0 prints as +0.00)."""
+    return round(finetune_mean - mean, 9) + 0.0
+
+
 def finetune_variants(cells: dict) -> set[str]:
     """The variants that fine-tune the whole net (the runs say so): the accuracy goals compare with the
     stronger of them, e.g. fine-tuning with and without augmentation."""
@@ -352,7 +358,7 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
                 summary.append({
                     "backbone": b, "dataset": d, "variant": v, "seeds": len(a), "mean": statistics.mean(a),
                     "std": statistics.pstdev(a) if len(a) > 1 else 0.0,
-                    "ft_lead": statistics.mean(ft) - statistics.mean(a) if ft and v not in fine_tunes else None,
+                    "ft_lead": lead(statistics.mean(ft), statistics.mean(a)) if ft and v not in fine_tunes else None,
                     "over_classifier": statistics.mean(a) - statistics.mean(cl) if cl and v != "classifier" else None,
                     "bytes": int(statistics.mean(by)) if by else None,
                     "bits": statistics.mean(bits) if bits else None, "density": statistics.mean(dens) if dens else None,
@@ -426,9 +432,9 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
                  if v.startswith(FRONTIER_PREFIX)}
         if not tried:
             return ""
-        v, a = min(tried.items(), key=lambda t: statistics.mean(ft) - statistics.mean(t[1]))
-        return (f"; the closest recipe tried here: {v}, fine-tune lead {statistics.mean(ft) - statistics.mean(a):+.2f} "
-                f"({len(a)} seed(s))")
+        v, a = min(tried.items(), key=lambda t: lead(statistics.mean(ft), statistics.mean(t[1])))
+        gap = lead(statistics.mean(ft), statistics.mean(a))
+        return f"; the closest recipe tried here: {v}, fine-tune lead {gap:+.2f} ({len(a)} seed(s))"
 
     # goals
     goals = []
@@ -442,18 +448,18 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
                            for v in (DEFAULT_RECIPE, "finetune") for s in seeds if (b, d, v, s) not in cells)
                 goals.append(Goal("accuracy", name, "<= 0 points", "-", "not measured", hours(need or None)))
                 continue
-            lead = statistics.mean(ft) - statistics.mean(pb)
+            gap = lead(statistics.mean(ft), statistics.mean(pb))
             n = min(len(pb), len(ft))
-            measured = (f"{lead:+.2f} ({statistics.mean(pb):.2f}% vs {ft_name} {statistics.mean(ft):.2f}%, "
+            measured = (f"{gap:+.2f} ({statistics.mean(pb):.2f}% vs {ft_name} {statistics.mean(ft):.2f}%, "
                         f"{len(pb)} vs {len(ft)} of {len(seeds)} seeds)")
             spread = max(statistics.pstdev(pb) if len(pb) > 1 else 0.0, statistics.pstdev(ft) if len(ft) > 1 else 0.0)
-            note = "" if lead <= 0 else (
-                f"fine-tuning ahead by {lead:.2f} points on this budget"
-                + (f", less than one seed standard deviation (±{spread:.2f})" if lead < spread else "")
+            note = "" if gap <= 0 else (
+                f"fine-tuning ahead by {gap:.2f} points on this budget"
+                + (f", less than one seed standard deviation (±{spread:.2f})" if gap < spread else "")
                 + closest_recipe(b, d, ft) + " (the recipes tried: docs/TRAINING.md)")
             if n < len(seeds):
                 note = (note + "; " if note else "") + f"provisional: {len(seeds) - n} seed(s) missing"
-            goals.append(Goal("accuracy", name, "<= 0 points", measured, status(lead <= 0), note))
+            goals.append(Goal("accuracy", name, "<= 0 points", measured, status(gap <= 0), note))
         pb, cl = accs(b, "gtsrb", DEFAULT_RECIPE), accs(b, "gtsrb", "classifier")
         name = f"{DEFAULT_RECIPE} over classifier-only, {b} on GTSRB"
         if pb and cl:
@@ -637,8 +643,9 @@ def _frontier_note(here: list[dict], ft: dict, fine_tunes: set[str]) -> str:
         return (f"no recipe tried here stores in <= {FRONTIER_BITS} bits; the decay recipes "
                 "(`--mask-decay`) are the lever (docs/TRAINING.md)")
     best = max(within, key=lambda s: s["accuracy_mean"])
+    gap = lead(ft["accuracy_mean"], best["accuracy_mean"])
     return (f"best recipe within {FRONTIER_BITS} bits: {best['variant']}, {best['stored_bits_per_param']:.3f} bits, "
-            f"fine-tune lead {ft['accuracy_mean'] - best['accuracy_mean']:+.2f} ({best['seeds']} seed(s)); on this "
+            f"fine-tune lead {gap:+.2f} ({best['seeds']} seed(s)); on this "
             "budget fewer flips cost accuracy. Would close it: the frontier over 3 seeds and longer schedules for "
             "the decay recipes (docs/TRAINING.md)")
 
@@ -676,17 +683,17 @@ def section_frontier(results: Path, cells: dict, img_dir: Path, out_dir: Path) -
                         key=lambda s: s["stored_bits_per_param"] or 0):
             run = next((r["run"] for r in acc["rows"] if (r["backbone"], r["dataset"], r["variant"]) ==
                         (*key, s["variant"])), None)
-            lead = ft["accuracy_mean"] - s["accuracy_mean"] if ft else None
             rows.append([key[0], key[1], s["variant"], _recipe(run), s["seeds"], s["accuracy_mean"], s["accuracy_std"],
-                         lead, s["stored_bits_per_param"], s["mask_density"]])
+                         lead(ft["accuracy_mean"], s["accuracy_mean"]) if ft else None, s["stored_bits_per_param"],
+                         s["mask_density"]])
         default = next((s for s in here if s["variant"] == DEFAULT_RECIPE), None)
         if default and ft and default["stored_bits_per_param"] is not None:
-            lead = ft["accuracy_mean"] - default["accuracy_mean"]
+            gap = lead(ft["accuracy_mean"], default["accuracy_mean"])
             bits = default["stored_bits_per_param"]
-            ok = lead <= 0 and bits <= FRONTIER_BITS
+            ok = gap <= 0 and bits <= FRONTIER_BITS
             goals.append(Goal("storage frontier", f"default recipe at fine-tune accuracy with <= {FRONTIER_BITS} "
                               f"stored bits/param, {key[0]} on {key[1]}", f"lead <= 0 at <= {FRONTIER_BITS} bits",
-                              f"{bits:.3f} bits, fine-tune lead {lead:+.2f} ({default['seeds']} vs {ft['seeds']} "
+                              f"{bits:.3f} bits, fine-tune lead {gap:+.2f} ({default['seeds']} vs {ft['seeds']} "
                               "seeds)", status(ok), "" if ok else _frontier_note(here, ft, fine_tunes)))
     text += [table(["backbone", "dataset", "recipe", "settings", "seeds", "test top-1 %", "± std", "fine-tune lead",
                     "stored bits/param", "mask density"], rows), ""]
