@@ -129,6 +129,6 @@ def test_equal_correct_counts_are_a_tie_not_a_float_rounding_miss(tmp_path):
         _run_dir(res, "cifar_resnet56", "gtsrb", "piggyback-bn", seed, pb[seed] / 3000)
         _run_dir(res, "cifar_resnet56", "gtsrb", "finetune", seed, ft[seed] / 3000)
     _, goals = write(tmp_path, res)
-    measured, status = goals["piggyback-bn vs fine-tune, cifar_resnet56 on gtsrb: stronger fine-tune's lead "
+    measured, status = goals["piggyback-bn vs fine-tune, cifar_resnet56 on gtsrb: strongest fine-tune's lead "
                              "(mean over seeds)"]
     assert status == "met" and measured.startswith("+0.00 (97.76% vs finetune 97.76%"), (measured, status)

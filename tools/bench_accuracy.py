@@ -44,7 +44,7 @@ BASE_TASK = SHARED / "cifar10_test2k.npz"
 VARIANTS = {"classifier": {"method": "classifier"}, "piggyback": {"method": "piggyback", "train_bn": False},
             "piggyback-bn": {"method": "piggyback"}, "finetune": {"method": "finetune"}}
 # Recipes beside the default (docs/TRAINING.md), run on request (--variants) or by --frontier.
-# fine-tuning without augmentation: "gap to fine-tune" compares with the stronger fine-tune
+# fine-tuning without augmentation: "gap to fine-tune" compares with the strongest fine-tune
 EXTRA_FINETUNE = {"finetune-none": {"method": "finetune", "augment": "none"},
                   # fine-tuning with piggyback's faster head lr: is the baseline held back by its own?
                   "finetune-head1e-2": {"method": "finetune", "lr_head": 1e-2}}
