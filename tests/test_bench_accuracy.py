@@ -51,7 +51,7 @@ def test_a_finished_run_is_reused_only_while_its_settings_match(tmp_path):
     assert not stored("piggyback-bn", lr_mask=1e-3)  # trained under an older default: train again
     assert stored("finetune", lr_mask=1e-3)  # the mask lr never touches a fine-tune run
     assert not stored("finetune", lr_backbone=1e-2)
-    # the frontier never repeats the default recipe under another name
+    # a recipe beside the default has runs of its own
     assert not stored("piggyback-bn", augment="none")
     assert stored("piggyback-bn-none", augment="none")
     # the frontier never repeats the default recipe under another name
@@ -59,3 +59,31 @@ def test_a_finished_run_is_reused_only_while_its_settings_match(tmp_path):
     recipes = [ba.make_config("cifar_resnet20", "gtsrb", v, 0, Args).settings() for v in ba.FRONTIER]
     assert all({**r, "task": ""} != {**defaults, "task": ""} for r in recipes)
     assert len(ba.FRONTIER) >= len(ba.FRONTIER_RECIPES) - 1
+
+
+def test_earlier_rows_are_read_from_the_run_directories(tmp_path):
+    """Results accumulate across invocations: every finished run that still matches today's settings
+    gives a row, with the numbers its own metrics.json holds; a stale one gives none."""
+    ba = _bench_module()
+
+    class Args:
+        epochs, max_train_samples = 10, None
+
+    def finished(variant, accuracy, **changes):
+        cfg = {**ba.make_config("cifar_resnet20", "gtsrb", variant, 0, Args).to_dict(), **changes}
+        run = tmp_path / "runs" / "cifar_resnet20" / "gtsrb" / f"{variant}-s0"
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION,
+                                                     "config": cfg}))
+        (run / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy, "mask_density": 0.7,
+                                                      "epochs": [{"seconds": 5.0}, {"seconds": 6.0}]}))
+
+    finished("piggyback-bn", 0.97)
+    finished("finetune-none", 0.96)
+    finished("classifier", 0.4, lr_head=3e-3)  # trained under another head lr: stale
+    rows = ba.earlier_rows(tmp_path, set(), Args)
+    assert [(r["variant"], r["method"], r["dataset"], r["data"], r["test_accuracy"], r["train_seconds"])
+            for r in rows] == [("finetune-none", "finetune", "gtsrb", "gtsrb", 0.96, 11.0),
+                               ("piggyback-bn", "piggyback", "gtsrb", "gtsrb", 0.97, 11.0)]
+    planned = {("cifar_resnet20", "gtsrb", "piggyback-bn", 0)}  # left to the invocation that plans them
+    assert [r["variant"] for r in ba.earlier_rows(tmp_path, planned, Args)] == ["finetune-none"]
