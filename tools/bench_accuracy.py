@@ -60,10 +60,10 @@ FRONTIER_RECIPES = {"head1e-3": HEAD_1E3, "head3e-3": {"lr_head": 3e-3}, "head1e
                     "lr1e-3-decay1e-5": {"lr_mask": 1e-3, "mask_decay": 1e-5, **HEAD_1E3},
                     "none": {"augment": "none", **HEAD_1E3}, "lr1e-4-head3e-3": {"lr_mask": 1e-4, "lr_head": 3e-3},
                     "ep15": {"epochs": 15, **HEAD_1E3}}  # 1.5x the budget: does a longer schedule close the gap?
-DEFAULT_RECIPE = TrainConfig(backbone="-", data="-", task="-")  # the settings piggyback-bn trains with
+DEFAULT_SETTINGS = TrainConfig(backbone="-", data="-", task="-")  # what piggyback-bn trains with
 FRONTIER = {f"piggyback-bn-{name}": {"method": "piggyback", **overrides}
             for name, overrides in FRONTIER_RECIPES.items()
-            if any(getattr(DEFAULT_RECIPE, k) != v for k, v in overrides.items())}
+            if any(getattr(DEFAULT_SETTINGS, k) != v for k, v in overrides.items())}
 ALL_VARIANTS = {**VARIANTS, **EXTRA_FINETUNE, **FRONTIER}
 FINETUNE_VARIANTS = ("finetune", *EXTRA_FINETUNE)
 
