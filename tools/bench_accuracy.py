@@ -159,7 +159,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         bits = [r["stored_bits_per_param"] for r in rs if r.get("stored_bits_per_param") is not None]
         out.append({"backbone": backbone, "dataset": dataset, "variant": variant, "seeds": len(rs),
                     "accuracy_mean": mean, "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
-                    "gap_to_finetune": None if ft_mean is None else mean - ft_mean,
+                    # accuracies are counts over one test set: a tie is 0, not a float mean's last bit
+                    "gap_to_finetune": None if ft_mean is None else round(mean - ft_mean, 9) + 0.0,
                     "bytes_per_task": statistics.mean(r.get("bytes_per_task", 0) for r in rs),
                     "stored_bits_per_param": statistics.mean(bits) if bits else None,
                     "mask_density": statistics.mean(r["mask_density"] for r in rs) if rs[0]["mask_density"] else None,

@@ -35,7 +35,7 @@ from pbexport import load_bundle, pack_runs  # noqa: E402
 from pbexport.export import main_export  # noqa: E402
 from pbexport.quantize import quantize_model  # noqa: E402
 from pbexport.report import format_table  # noqa: E402
-from pbexport.training import DEFAULT_LR_HEAD, TrainConfig, train_or_reuse  # noqa: E402
+from pbexport.training import TrainConfig, train_or_reuse  # noqa: E402
 
 SHARED = Path(os.environ.get("PBEXPORT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 WEIGHTS = {"cifar_resnet20": "resnet_cifar10/resnet20-12fca82f.th",
@@ -166,8 +166,7 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps({
         "backbone": args.backbone, "epochs": args.epochs, "max_train_samples": args.max_train_samples or None,
         "seed": args.seed, "calib_samples": args.calib_samples, "eval_samples": args.eval_samples,
-        "lr_mask": TrainConfig.lr_mask, "lr_head": DEFAULT_LR_HEAD["piggyback"],
-        "augment": TrainConfig.augment, "per_channel": True,
+        "lr_mask": cfg.lr_mask, "lr_head": cfg.lr_head, "augment": cfg.augment, "per_channel": True,  # as trained
         "threads": args.threads, "clock": args.clock, "rounds": args.rounds, "inner": args.inner,
         "bundle": str(bundle), "loadavg": os.getloadavg(), "seconds": time.time() - started, "rows": rows,
     }, indent=2) + "\n")
