@@ -85,6 +85,8 @@ def backbones_cmd() -> None:
 @click.option("--lr-head", type=float, default=None,
               help="Adam lr of the head (and per-task BN). Default: 1e-2 for piggyback, 1e-3 for classifier and "
                    "finetune.")
+@click.option("--lr-bn", type=float, default=None,
+              help="Adam lr of the per-task BN (piggyback, classifier --train-bn). Default: the head lr.")
 @click.option("--lr-backbone", type=float, default=1e-3, show_default=True, help="Adam lr of all weights (finetune).")
 @click.option("--mask-decay", type=float, default=0.0, show_default=True,
               help="Pull switched-off mask scores back toward keep: fewer flips, fewer stored bits.")

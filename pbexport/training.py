@@ -27,7 +27,7 @@ from .taskmodel import METHODS, TaskModel, build_task_model
 # fine-tuning keeps 1e-3 (its head lr at 1e-2 is measured there too, as finetune-head1e-2).
 DEFAULT_LR_HEAD = {"piggyback": 1e-2, "classifier": 1e-3, "finetune": 1e-3}
 _UNUSED_SETTINGS = {"classifier": ("lr_mask", "mask_decay", "lr_backbone"),
-                    "finetune": ("lr_mask", "mask_decay"),
+                    "finetune": ("lr_mask", "mask_decay", "lr_bn"),
                     "piggyback": ("lr_backbone",)}
 
 
@@ -52,6 +52,7 @@ class TrainConfig:
     batch_size: int = 64
     lr_mask: float = 3e-4
     lr_head: float | None = None  # None: DEFAULT_LR_HEAD[method]
+    lr_bn: float | None = None  # per-task BN's lr; None: the head lr
     lr_backbone: float = 1e-3
     mask_decay: float = 0.0
     train_bn: bool | None = None  # None: on for piggyback, off for classifier (finetune trains all)
@@ -72,6 +73,8 @@ class TrainConfig:
             raise PbexportError("--mask-decay must be at least 0")
         if self.lr_head is None:
             self.lr_head = DEFAULT_LR_HEAD[self.method]
+        if self.lr_bn is None:
+            self.lr_bn = self.lr_head
         if self.train_bn is None:
             self.train_bn = self.method == "piggyback"
         if self.weights is not None:
@@ -117,7 +120,7 @@ def _subsample(data: ImageSet, n: int | None, seed: int) -> ImageSet:
 
 
 def make_optimizer(model: TaskModel, cfg: TrainConfig) -> torch.optim.Adam:
-    lrs = {"head": cfg.lr_head, "bn": cfg.lr_head, "mask": cfg.lr_mask, "backbone": cfg.lr_backbone}
+    lrs = {"head": cfg.lr_head, "bn": cfg.lr_bn, "mask": cfg.lr_mask, "backbone": cfg.lr_backbone}
     groups = [{"params": ps, "lr": lrs[name], "base_lr": lrs[name], "name": name}
               for name, ps in model.trainable_groups().items() if ps]
     return torch.optim.Adam(groups)

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from pbexport import PbexportError
 from pbexport.backbones import load_backbone
 from pbexport.runs import load_run
-from pbexport.training import TrainConfig, evaluate, train, train_or_reuse
+from pbexport.taskmodel import build_task_model
+from pbexport.training import TrainConfig, evaluate, make_optimizer, train, train_or_reuse
 
 ARCHS = [
     pytest.param("cifar_resnet20", id="cifar_resnet20"),
@@ -128,6 +129,18 @@ def test_head_lr_default_depends_on_the_method():
     assert cfg(lr_head=3e-3).lr_head == 3e-3
     # stored resolved: a run trained before the default changed reads back with the value it used
     assert TrainConfig.from_dict(cfg(method="finetune").to_dict()).lr_head == 1e-3
+
+
+def test_bn_lr_follows_the_head_lr_unless_set():
+    def cfg(**kw):
+        return TrainConfig(backbone="cifar_resnet20", data="synthetic:x", task="t", **kw)
+    assert cfg().lr_bn == cfg().lr_head and cfg(lr_head=3e-3).lr_bn == 3e-3
+    # a config stored before lr_bn existed trained BN at its head lr, and reads back so
+    old = {k: v for k, v in cfg(lr_head=3e-3).to_dict().items() if k != "lr_bn"}
+    assert TrainConfig.from_dict(old).settings() == cfg(lr_head=3e-3).settings()
+    model = build_task_model(load_backbone("cifar_resnet20", None), 3, "piggyback", True, 0)
+    lrs = {g["name"]: g["lr"] for g in make_optimizer(model, cfg(lr_bn=1e-3)).param_groups}
+    assert lrs == {"head": 1e-2, "bn": 1e-3, "mask": 3e-4}
 
 
 def test_train_or_reuse_keeps_a_finished_run_while_its_settings_match(tmp_path, tiny_npz, monkeypatch):

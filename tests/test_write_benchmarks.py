@@ -132,3 +132,18 @@ def test_equal_correct_counts_are_a_tie_not_a_float_rounding_miss(tmp_path):
     measured, status = goals["piggyback-bn vs fine-tune, cifar_resnet56 on gtsrb: strongest fine-tune's lead "
                              "(mean over seeds)"]
     assert status == "met" and measured.startswith("+0.00 (97.76% vs finetune 97.76%"), (measured, status)
+
+
+def test_frontier_recipe_names_the_bn_lr_only_where_it_differs_from_the_head_lr(tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import write_benchmarks
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    base = {"lr_mask": 3e-4, "mask_decay": 0.0, "augment": "crop", "lr_head": 1e-2, "epochs": 10}
+    for name, config in {"old": base, "same": {**base, "lr_bn": 1e-2}, "slow-bn": {**base, "lr_bn": 3e-3}}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"config": config}))
+    assert write_benchmarks._recipe(str(tmp_path / "old")) == write_benchmarks._recipe(str(tmp_path / "same")) == \
+        "mask lr 0.0003, mask decay 0, augment crop, head lr 0.01, 10 epochs"
+    assert "head lr 0.01, BN lr 0.003, 10 epochs" in write_benchmarks._recipe(str(tmp_path / "slow-bn"))

@@ -59,7 +59,11 @@ FRONTIER_RECIPES = {"head1e-3": HEAD_1E3, "head3e-3": {"lr_head": 3e-3}, "head1e
                     "lr1e-3-decay3e-6": {"lr_mask": 1e-3, "mask_decay": 3e-6, **HEAD_1E3},
                     "lr1e-3-decay1e-5": {"lr_mask": 1e-3, "mask_decay": 1e-5, **HEAD_1E3},
                     "none": {"augment": "none", **HEAD_1E3}, "lr1e-4-head3e-3": {"lr_mask": 1e-4, "lr_head": 3e-3},
-                    "ep15": {"epochs": 15, **HEAD_1E3}}  # 1.5x the budget: does a longer schedule close the gap?
+                    "ep15": {"epochs": 15, **HEAD_1E3},  # 1.5x the budget: does a longer schedule close the gap?
+                    # at the default head lr 1e-2: a slower per-task BN, and the mask lr / decay levers again
+                    "bn3e-3": {"lr_bn": 3e-3}, "bn1e-3": {"lr_bn": 1e-3},
+                    "lr1e-4-head1e-2": {"lr_mask": 1e-4, "lr_head": 1e-2},
+                    "decay1e-6-head1e-2": {"mask_decay": 1e-6, "lr_head": 1e-2}}
 DEFAULT_SETTINGS = TrainConfig(backbone="-", data="-", task="-")  # what piggyback-bn trains with
 FRONTIER = {f"piggyback-bn-{name}": {"method": "piggyback", **overrides}
             for name, overrides in FRONTIER_RECIPES.items()

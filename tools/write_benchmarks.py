@@ -633,8 +633,10 @@ def _recipe(run: str | None) -> str:
     config = (read_json(Path(run) / "config.json") or {}).get("config", {}) if run else {}
     if not config:
         return "?"
+    bn_lr = config.get("lr_bn") or config.get("lr_head")  # configs without lr_bn trained BN at the head lr
+    bn = f", BN lr {bn_lr:g}" if bn_lr != config.get("lr_head") else ""
     return (f"mask lr {config.get('lr_mask'):g}, mask decay {config.get('mask_decay', 0.0):g}, "
-            f"augment {config.get('augment')}, head lr {config.get('lr_head'):g}, {config.get('epochs')} epochs")
+            f"augment {config.get('augment')}, head lr {config.get('lr_head'):g}{bn}, {config.get('epochs')} epochs")
 
 
 def _frontier_note(here: list[dict], ft: dict, fine_tunes: set[str]) -> str:
