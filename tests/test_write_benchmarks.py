@@ -149,3 +149,17 @@ def test_frontier_recipe_names_the_bn_lr_only_where_it_differs_from_the_head_lr(
     assert write_benchmarks._recipe(str(tmp_path / "old")) == write_benchmarks._recipe(str(tmp_path / "same")) == \
         "mask lr 0.0003, mask decay 0, augment crop, head lr 0.01, 10 epochs"
     assert "head lr 0.01, BN lr 0.003, 10 epochs" in write_benchmarks._recipe(str(tmp_path / "slow-bn"))
+
+
+def test_a_missed_accuracy_goal_names_the_closest_recipe_and_what_it_costs_elsewhere(tmp_path):
+    res = tmp_path / "bench-out"
+    runs = {"gtsrb": {"piggyback-bn": 0.970, "finetune": 0.975, "piggyback-bn-bn3e-3": 0.976},
+            "mnist": {"piggyback-bn": 0.994, "finetune": 0.993, "piggyback-bn-bn3e-3": 0.990}}
+    for dataset, accuracies in runs.items():
+        for variant, accuracy in accuracies.items():
+            _run_dir(res, "cifar_resnet20", dataset, variant, 0, accuracy)
+    text, goals = write(tmp_path, res)
+    mnist = "piggyback-bn vs fine-tune, cifar_resnet20 on mnist: strongest fine-tune's lead (mean over seeds)"
+    assert goals[mnist][1] == "met"
+    assert ("the closest recipe tried here: piggyback-bn-bn3e-3, fine-tune lead -0.10 (1 seed(s)), "
+            "but +0.30 on cifar_resnet20 / mnist") in text
