@@ -75,6 +75,9 @@ class TrainConfig:
             self.lr_head = DEFAULT_LR_HEAD[self.method]
         if self.lr_bn is None:
             self.lr_bn = self.lr_head
+        for name in ("lr_mask", "lr_head", "lr_bn", "lr_backbone"):
+            if not getattr(self, name) > 0:
+                raise PbexportError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.train_bn is None:
             self.train_bn = self.method == "piggyback"
         if self.weights is not None:

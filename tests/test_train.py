@@ -141,6 +141,8 @@ def test_bn_lr_follows_the_head_lr_unless_set():
     model = build_task_model(load_backbone("cifar_resnet20", None), 3, "piggyback", True, 0)
     lrs = {g["name"]: g["lr"] for g in make_optimizer(model, cfg(lr_bn=1e-3)).param_groups}
     assert lrs == {"head": 1e-2, "bn": 1e-3, "mask": 3e-4}
+    with pytest.raises(PbexportError, match=r"--lr-bn must be positive, got -0.001"):
+        cfg(lr_bn=-1e-3)
 
 
 def test_train_or_reuse_keeps_a_finished_run_while_its_settings_match(tmp_path, tiny_npz, monkeypatch):

@@ -67,7 +67,7 @@ FRONTIER = {f"piggyback-bn-{name}": {"method": "piggyback", **overrides}
             for name, overrides in FRONTIER_RECIPES.items()
             if any(getattr(DEFAULT_SETTINGS, k) != v for k, v in overrides.items())}
 ALL_VARIANTS = {**VARIANTS, **EXTRA_FINETUNE, **FRONTIER}
-FINETUNE_VARIANTS = ("finetune", *EXTRA_FINETUNE)
+FINETUNE_VARIANTS = tuple(v for v, settings in ALL_VARIANTS.items() if settings["method"] == "finetune")
 
 
 def task_name(dataset: str, variant: str, seed: int) -> str:
