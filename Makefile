@@ -29,9 +29,9 @@ lint: setup
 # Every benchmark in sequence, then BENCHMARKS.md (tools/write_benchmarks.py). Results go to bench-out/.
 # Training, export, runtime and int8 take about 15 minutes on 2 cores; the accuracy benchmark runs last and
 # takes hours: 2 backbones x 2 datasets x 4 methods x 3 seeds, 10 epochs each; a cifar_resnet20 run takes
-# 3-6 minutes on 2 cores, a cifar_resnet56 run about 3x that; --frontier adds 13 recipes x 2 datasets on
-# cifar_resnet20 (about 1.3 hours), and the fine-tune baselines at other settings (no augmentation, head lr
-# 1e-2), which the accuracy goal compares with, 12 more cifar_resnet20 runs: about 7 hours in all
+# 3-6 minutes on 2 cores, a cifar_resnet56 run about 3x that; --frontier adds 15 recipes x 2 datasets on
+# cifar_resnet20 (about 1.5 hours), and the fine-tune baselines at other settings (no augmentation, head lr
+# 1e-2), which the accuracy goal compares with, 12 more cifar_resnet20 runs: about 7.5 hours in all
 # (BENCHMARKS.md estimates what is left from the runs that finished).
 # Finished accuracy runs are reused, so an interrupted `make bench` continues where it stopped.
 bench: setup

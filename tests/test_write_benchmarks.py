@@ -163,3 +163,19 @@ def test_a_missed_accuracy_goal_names_the_closest_recipe_and_what_it_costs_elsew
     assert goals[mnist][1] == "met"
     assert ("the closest recipe tried here: piggyback-bn-bn3e-3, fine-tune lead -0.10 (1 seed(s)), "
             "but +0.30 on cifar_resnet20 / mnist") in text
+
+
+def test_run_directory_names_round_trip_and_nothing_else_parses():
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import benchlib
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    for variant, seed in [("piggyback-bn", 0), ("piggyback-bn-head1e-3", 12), ("piggyback-bn-lr1e-3-decay1e-5", 2)]:
+        assert benchlib.parse_run_dir_name(benchlib.run_dir_name(variant, seed)) == (variant, seed)
+    for name in ["checkpoints", "finetune-s", "finetune-sx", "Finetune-s0", "finetune-s0.tmp"]:
+        assert benchlib.parse_run_dir_name(name) is None, name
+    # a tie whose float means differ in the last bit is 0, and prints without a sign
+    assert benchlib.points_difference(0.1 + 0.2, 0.3) == 0.0
+    assert str(benchlib.points_difference(0.3, 0.1 + 0.2)) == "0.0"
+    assert benchlib.points_difference(97.76, 97.75) > 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import statistics
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchlib import parse_run_dir_name, points_difference, run_dir_name
 from pbexport import runs
 from pbexport.backbones import load_backbone
 from pbexport.bundle import load_bundle, pack_runs
@@ -61,7 +61,9 @@ FRONTIER_RECIPES = {"head1e-3": HEAD_1E3, "head3e-3": {"lr_head": 3e-3}, "head1e
                     "none": {"augment": "none", **HEAD_1E3}, "lr1e-4-head3e-3": {"lr_mask": 1e-4, "lr_head": 3e-3},
                     "ep15": {"epochs": 15, **HEAD_1E3},  # 1.5x the budget: does a longer schedule close the gap?
                     # at the default head lr 1e-2: a slower per-task BN, and a slower mask (fewer bits)
-                    "bn3e-3": {"lr_bn": 3e-3}, "lr1e-4-head1e-2": {"lr_mask": 1e-4, "lr_head": 1e-2}}
+                    "bn3e-3": {"lr_bn": 3e-3}, "lr1e-4-head1e-2": {"lr_mask": 1e-4, "lr_head": 1e-2},
+                    # between the two BN lrs, and a faster head beside the slower BN
+                    "bn5e-3": {"lr_bn": 5e-3}, "head3e-2-bn3e-3": {"lr_head": 3e-2, "lr_bn": 3e-3}}
 DEFAULT_SETTINGS = TrainConfig(backbone="-", data="-", task="-")  # what piggyback-bn trains with
 FRONTIER = {f"piggyback-bn-{name}": {"method": "piggyback", **overrides}
             for name, overrides in FRONTIER_RECIPES.items()
@@ -86,7 +88,7 @@ def dataset_key(data: str) -> str:
 
 
 def run_one(out: Path, backbone: str, data: str, variant: str, seed: int, args) -> dict:
-    run_dir = out / "runs" / backbone / dataset_key(data) / f"{variant}-s{seed}"
+    run_dir = out / "runs" / backbone / dataset_key(data) / run_dir_name(variant, seed)
     cfg = make_config(backbone, data, variant, seed, args)
     # reused only if trained with this config's settings (defaults may have changed since)
     return run_row(cfg, variant, run_dir, train_or_reuse(cfg, run_dir, progress=not args.quiet))
@@ -105,10 +107,10 @@ def earlier_rows(out: Path, planned: set, args) -> list[dict]:
     is read from its run, so it always says what the run directory holds."""
     kept = []
     for run in sorted((out / "runs").glob("*/*/*-s*")):
-        name = re.fullmatch(r"(.+)-s(\d+)", run.name)
-        if name is None or name[1] not in ALL_VARIANTS or not (run / "metrics.json").exists():
+        name = parse_run_dir_name(run.name)
+        if name is None or name[0] not in ALL_VARIANTS or not (run / "metrics.json").exists():
             continue
-        backbone, dataset, variant, seed = run.parent.parent.name, run.parent.name, name[1], int(name[2])
+        (variant, seed), backbone, dataset = name, run.parent.parent.name, run.parent.name
         stored = run_settings(run)
         if (backbone, dataset, variant, seed) in planned or stored is None:
             continue
@@ -161,8 +163,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         bits = [r["stored_bits_per_param"] for r in rs if r.get("stored_bits_per_param") is not None]
         out.append({"backbone": backbone, "dataset": dataset, "variant": variant, "seeds": len(rs),
                     "accuracy_mean": mean, "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
-                    # accuracies are counts over one test set: a tie is 0, not a float mean's last bit
-                    "gap_to_finetune": None if ft_mean is None else round(mean - ft_mean, 9) + 0.0,
+                    "gap_to_finetune": None if ft_mean is None else points_difference(mean, ft_mean),
                     "bytes_per_task": statistics.mean(r.get("bytes_per_task", 0) for r in rs),
                     "stored_bits_per_param": statistics.mean(bits) if bits else None,
                     "mask_density": statistics.mean(r["mask_density"] for r in rs) if rs[0]["mask_density"] else None,

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from benchlib import resident_bytes  # noqa: E402
 from pbexport.report import format_table  # noqa: E402
 
 DEFAULT_BACKBONES = ["resnet18", "cifar_resnet56"]
@@ -145,14 +146,6 @@ def latency(sessions: dict, size: int, batch: int, repeats: int, clock=time.perf
                 "x_plain_no_nchwc": float(np.median(np.array(v) / base))} for k, v in times.items()}
 
 
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def memory_child(mode: str, paths: list[str], size: int, threads: int) -> dict:
     """Runs in a fresh process: load every task at once, run each once, report RSS and load times."""
     import onnxruntime as ort
@@ -161,7 +154,7 @@ def memory_child(mode: str, paths: list[str], size: int, threads: int) -> dict:
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
     x = np.zeros((1, 3, size, size), np.float32)
-    rss0 = _rss()
+    rss0 = resident_bytes()
     create = []
     if mode == "multitask":
         t = time.perf_counter()
@@ -186,7 +179,7 @@ def memory_child(mode: str, paths: list[str], size: int, threads: int) -> dict:
             create.append(time.perf_counter() - t)
         for s in sessions:
             s.run(None, {"image": x})
-    return {"rss_bytes": _rss() - rss0, "create_s": create}
+    return {"rss_bytes": resident_bytes() - rss0, "create_s": create}
 
 
 def measure_memory(mode: str, paths: list[Path], size: int, threads: int) -> dict:

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from benchlib import resident_bytes  # noqa: E402
 from pbexport import runtime  # noqa: E402
 from pbexport.report import format_table  # noqa: E402
 
@@ -149,22 +150,14 @@ def cold_switch(path: Path, tasks: list[str], kw: dict, n: int) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- memory (fresh process)
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def memory_child(path: str, optimization: str, threads: int) -> dict:
     engine = runtime.open_model(path, cache_size=64, optimization=optimization, threads=threads)
     size = engine.input_spec(engine.tasks[0]).size
     x = np.zeros((1, 3, size, size), np.float32)
-    rss = [_rss()]
+    rss = [resident_bytes()]
     for t in engine.tasks:
         engine.logits(x, t)
-        rss.append(_rss())
+        rss.append(resident_bytes())
     return {"rss_bytes": rss}
 
 

@@ -45,6 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from benchlib import parse_run_dir_name, points_difference  # noqa: E402  (tools/, torch-free)
 
 # the grid `make bench` runs with tools/bench_accuracy.py's defaults
 ACC_BACKBONES = ["cifar_resnet20", "cifar_resnet56"]
@@ -195,9 +196,6 @@ def section_train(results: Path) -> tuple[str, list[Goal]]:
 
 
 # ----------------------------------------------------------------------------- accuracy: collecting runs
-RUN_DIR = re.compile(r"^(?P<variant>[a-z0-9.-]+)-s(?P<seed>\d+)$")  # recipe names carry lrs: head1e-3
-
-
 def _run_wall_seconds(run: Path, metrics: dict) -> float:
     train_s = sum(e.get("seconds", 0.0) for e in metrics.get("epochs", []))
     try:
@@ -217,10 +215,10 @@ def collect_accuracy(acc_dir: Path) -> tuple[dict, dict | None, dict]:
             cells[(r["backbone"], r["dataset"], r["variant"], r["seed"])] = dict(r, source="accuracy.json")
     partial = {}
     for run in sorted((acc_dir / "runs").glob("*/*/*")):
-        m = RUN_DIR.match(run.name)
-        if not m or not run.is_dir():
+        name = parse_run_dir_name(run.name)
+        if not name or not run.is_dir():
             continue
-        key = (run.parent.parent.name, run.parent.name, m["variant"], int(m["seed"]))
+        key = (run.parent.parent.name, run.parent.name, *name)
         metrics = read_json(run / "metrics.json")
         config = (read_json(run / "config.json") or {}).get("config", {})
         if metrics is None:
@@ -250,9 +248,8 @@ def collect_accuracy(acc_dir: Path) -> tuple[dict, dict | None, dict]:
 
 
 def lead(finetune_mean: float, mean: float) -> float:
-    """Fine-tuning's lead in points. Accuracies are counts over one test set: equal counts must compare
-    equal, not by the last bit of a float mean (and -0.0 prints as +0.00)."""
-    return round(finetune_mean - mean, 9) + 0.0
+    """Fine-tuning's lead in points."""
+    return points_difference(finetune_mean, mean)
 
 
 def finetune_variants(cells: dict) -> set[str]:

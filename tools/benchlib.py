@@ -1,0 +1,37 @@
+"""What the benchmark scripts share: the accuracy runs' naming and the rounding of their comparisons, and a
+memory probe. Torch-free, so that write_benchmarks.py can read the results without importing the benchmarks."""
+
+from __future__ import annotations
+
+import re
+
+# runs/<backbone>/<dataset>/<variant>-s<seed>; recipe names carry learning rates (piggyback-bn-head1e-3)
+_RUN_DIR = re.compile(r"(?P<variant>[a-z0-9.-]+)-s(?P<seed>\d+)")
+
+
+def run_dir_name(variant: str, seed: int) -> str:
+    return f"{variant}-s{seed}"
+
+
+def parse_run_dir_name(name: str) -> tuple[str, int] | None:
+    """(variant, seed) of a run directory's name, or None for anything else."""
+    m = _RUN_DIR.fullmatch(name)
+    return (m["variant"], int(m["seed"])) if m else None
+
+
+def points_difference(a: float, b: float) -> float:
+    """a - b in accuracy points. Accuracies are counts over one test set: equal counts must compare equal,
+    not by the last bit of a float mean (and -0.0 prints as +0.00)."""
+    return round(a - b, 9) + 0.0
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux; 0 where /proc is not available)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
