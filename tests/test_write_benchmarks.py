@@ -179,3 +179,21 @@ def test_run_directory_names_round_trip_and_nothing_else_parses():
     assert benchlib.points_difference(0.1 + 0.2, 0.3) == 0.0
     assert str(benchlib.points_difference(0.3, 0.1 + 0.2)) == "0.0"
     assert benchlib.points_difference(97.76, 97.75) > 0
+
+
+def test_the_mean_lead_over_the_grid_is_judged_only_when_every_cell_has_every_seed(tmp_path):
+    res = tmp_path / "bench-out"
+    # fine-tuning's lead per cell in images of 3,000: +0.30, -0.10, -0.10, -0.30 points (3 seeds each)
+    leads = {("cifar_resnet20", "gtsrb"): 9, ("cifar_resnet20", "mnist"): -3,
+             ("cifar_resnet56", "gtsrb"): -3, ("cifar_resnet56", "mnist"): -9}
+    for (backbone, dataset), images in leads.items():
+        for seed in range(3):
+            _run_dir(res, backbone, dataset, "finetune", seed, 2900 / 3000)
+            if (backbone, dataset, seed) != ("cifar_resnet56", "mnist", 2):
+                _run_dir(res, backbone, dataset, "piggyback-bn", seed, (2900 - images) / 3000)
+    name = "piggyback-bn vs fine-tune, the strongest fine-tune's lead averaged over the 4 cells"
+    _, goals = write(tmp_path, res)
+    assert goals[name] == ("-", "not measured"), goals[name]
+    _run_dir(res, "cifar_resnet56", "mnist", "piggyback-bn", 2, (2900 + 9) / 3000)
+    _, goals = write(tmp_path, res)
+    assert goals[name] == ("-0.05 (per backbone: cifar_resnet20 +0.10, cifar_resnet56 -0.20)", "met"), goals[name]
