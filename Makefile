@@ -31,8 +31,8 @@ lint: setup
 # takes hours: 2 backbones x 2 datasets x 4 methods x 3 seeds, 10 epochs each; a cifar_resnet20 run takes
 # 3-6 minutes on 2 cores, a cifar_resnet56 run about 3x that; --frontier adds 15 recipes x 2 datasets on
 # cifar_resnet20 (about 1.5 hours), and the fine-tune baselines at other settings (no augmentation, head lr
-# 1e-2), which the accuracy goal compares with, 12 more cifar_resnet20 runs: about 7.5 hours in all
-# (BENCHMARKS.md estimates what is left from the runs that finished).
+# 1e-2), which the accuracy goal compares with, 12 more runs per backbone (about 2.3 hours): about 9 hours
+# in all (BENCHMARKS.md estimates what is left from the runs that finished).
 # Finished accuracy runs are reused, so an interrupted `make bench` continues where it stopped.
 bench: setup
 	$(BIN)/python tools/bench_train.py
@@ -41,7 +41,7 @@ bench: setup
 	$(BIN)/python tools/bench_runtime.py
 	$(BIN)/python tools/bench_runtime.py --backbone resnet18 --input-size 64 --out bench-out/runtime-resnet18.json
 	$(BIN)/python tools/bench_int8.py --quiet
-	$(BIN)/python tools/bench_accuracy.py --quiet --backbones cifar_resnet20 --variants finetune-none finetune-head1e-2
+	$(BIN)/python tools/bench_accuracy.py --quiet --variants finetune-none finetune-head1e-2
 	$(BIN)/python tools/bench_accuracy.py --quiet --frontier
 	$(BIN)/python tools/write_benchmarks.py
 
