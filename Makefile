@@ -31,8 +31,9 @@ lint: setup
 # takes hours: 2 backbones x 2 datasets x 4 methods x 3 seeds, 10 epochs each; a cifar_resnet20 run takes
 # 3-6 minutes on 2 cores, a cifar_resnet56 run about 3x that; --frontier adds 15 recipes x 2 datasets on
 # cifar_resnet20 (about 1.5 hours), and the fine-tune baselines at other settings (no augmentation, head lr
-# 1e-2), which the accuracy goal compares with, 12 more runs per backbone (about 2.3 hours): about 9 hours
-# in all (BENCHMARKS.md estimates what is left from the runs that finished).
+# 1e-2), which the accuracy goal compares with, 12 more runs per backbone (about 2.3 hours); the recipes that
+# docs/TRAINING.md compares over 3 seeds get seeds 1 and 2 (about 3.3 hours): about 12.5 hours in all
+# (BENCHMARKS.md estimates what is left from the runs that finished).
 # Finished accuracy runs are reused, so an interrupted `make bench` continues where it stopped.
 bench: setup
 	$(BIN)/python tools/bench_train.py
@@ -43,6 +44,11 @@ bench: setup
 	$(BIN)/python tools/bench_int8.py --quiet
 	$(BIN)/python tools/bench_accuracy.py --quiet --variants finetune-none finetune-head1e-2
 	$(BIN)/python tools/bench_accuracy.py --quiet --frontier
+	$(BIN)/python tools/bench_accuracy.py --quiet --backbones cifar_resnet20 --variants piggyback-bn-head1e-3 \
+		piggyback-bn-head3e-3 piggyback-bn-none piggyback-bn-bn3e-3 piggyback-bn-bn5e-3 piggyback-bn-head3e-2-bn3e-3 \
+		piggyback-bn-lr1e-4-head1e-2
+	$(BIN)/python tools/bench_accuracy.py --quiet --backbones cifar_resnet56 --variants piggyback-bn-head1e-3 \
+		piggyback-bn-head3e-3
 	$(BIN)/python tools/write_benchmarks.py
 
 # BENCHMARKS.md (and docs/img/) again from the results already in bench-out/, without measuring anything.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PBEXPORT_SHARED_DATA", REPO.parent / "shared" / "data"))
 RESNET20 = SHARED_DATA / "resnet_cifar10" / "resnet20-12fca82f.th"
+
+
+def import_tool(name: str):
+    """A script of tools/ as a module (the tools import each other, e.g. benchlib, from that folder)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "tools"))
 
 
 def make_arrays(n_train: int = 48, n_test: int = 24, classes: int = 3, size: int = 32, channels: int = 3,

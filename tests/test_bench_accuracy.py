@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, import_tool
 
 from pbexport.runs import RUN_FORMAT, RUN_FORMAT_VERSION
 
@@ -22,17 +22,8 @@ def test_piggyback_clearly_beats_classifier_only_on_real_data(resnet20_weights, 
     assert (tmp_path / "accuracy.png").stat().st_size > 0
 
 
-def _bench_module():
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import bench_accuracy
-    finally:
-        sys.path.pop(0)
-    return bench_accuracy
-
-
 def test_a_finished_run_is_reused_only_while_its_settings_match(tmp_path):
-    ba = _bench_module()
+    ba = import_tool("bench_accuracy")
 
     class Args:
         epochs, max_train_samples = 10, None
@@ -64,7 +55,7 @@ def test_a_finished_run_is_reused_only_while_its_settings_match(tmp_path):
 def test_earlier_rows_are_read_from_the_run_directories(tmp_path):
     """Results accumulate across invocations: every finished run that still matches today's settings
     gives a row, with the numbers its own metrics.json holds; a stale one gives none."""
-    ba = _bench_module()
+    ba = import_tool("bench_accuracy")
 
     class Args:
         epochs, max_train_samples = 10, None
