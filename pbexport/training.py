@@ -122,6 +122,11 @@ def _subsample(data: ImageSet, n: int | None, seed: int) -> ImageSet:
     return data.subset(idx)
 
 
+def split_for_run(cfg: TrainConfig, data: TaskData) -> tuple[ImageSet, ImageSet | None]:
+    """The training and validation images a run of ``cfg`` uses (validation picks the epoch it keeps)."""
+    return split_validation(_subsample(data.train, cfg.max_train_samples, cfg.seed), cfg.val_fraction, cfg.seed)
+
+
 def make_optimizer(model: TaskModel, cfg: TrainConfig) -> torch.optim.Adam:
     lrs = {"head": cfg.lr_head, "bn": cfg.lr_bn, "mask": cfg.lr_mask, "backbone": cfg.lr_backbone}
     groups = [{"params": ps, "lr": lrs[name], "base_lr": lrs[name], "name": name}
@@ -136,8 +141,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     backbone = load_backbone(cfg.backbone, cfg.weights, cfg.input_size)
     if data is None:
         data = load_data(cfg.data, backbone.spec.size)
-    train_set, val_set = split_validation(_subsample(data.train, cfg.max_train_samples, cfg.seed),
-                                          cfg.val_fraction, cfg.seed)
+    train_set, val_set = split_for_run(cfg, data)
     model = build_task_model(backbone, data.num_classes, cfg.method, cfg.train_bn, cfg.seed)
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)

@@ -28,6 +28,7 @@ def test_no_results_means_every_goal_is_not_measured(tmp_path):
     text, goals = write(tmp_path, tmp_path / "empty")
     assert goals and all(status == "not measured" for _, status in goals.values()), goals
     assert "cores (`nproc`)" in text and "onnxruntime" in text
+    assert "Not measured: no `bench-out/selection*.json`" in text
     for area in ("training", "storage", "export", "runtime", "int8", "accuracy"):
         assert any(area in g for g in text.split("## Goals", 1)[1].split("\n## ", 1)[0].splitlines())
 

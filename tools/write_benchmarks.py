@@ -740,6 +740,43 @@ def section_frontier(results: Path, cells: dict, img_dir: Path, out_dir: Path) -
     return "\n".join(text) + "\n", goals
 
 
+# ----------------------------------------------------------------------------- selection
+def section_selection(results: Path) -> str:
+    """What choosing otherwise on the validation split would do to the fine-tune leads (no goal of its own)."""
+    text = ["## Choices on the validation split",
+            "",
+            "Each run keeps the epoch with the best validation accuracy (earliest on a tie). "
+            "`tools/selection_study.py` recomputes the fine-tune leads of the accuracy benchmark under other rules, "
+            "applied to every method alike, and with a recipe chosen per task and seed on validation, from the "
+            "checkpoints the runs kept (their validation loss is evaluated afresh; no training). A lead <= 0 is "
+            "the accuracy goal.",
+            ""]
+    files = result_files(results, "selection", "rules")
+    if not files:
+        return "\n".join(text + ["Not measured: no `bench-out/selection*.json`.", ""]) + "\n"
+    for path, d in files:
+        choose = d.get("choose") or []
+        cmd = f"python tools/selection_study.py --seeds {d['seeds']}" + \
+            (f" --choose {' '.join(choose)}" if choose else "") + \
+            (f" --out {path}" if path.name != "selection.json" else "")
+        text += [f"### `{path.name}` ({mtime(path)})", ""]
+        if not choose:
+            rows = [[rule, cell, c["accuracy"], f"{c['finetune']} {c['finetune_accuracy']:.2f}", c["lead"]]
+                    for rule, r in d["rules"].items() for cell, c in r["cells"].items()]
+            rows += [[rule, "mean over the cells", None, "", r["mean_lead"]] for rule, r in d["rules"].items()]
+            text += [table(["epoch kept", "backbone/dataset", f"{d['recipe']} %", "strongest fine-tune %",
+                            "fine-tune lead"], rows), ""]
+        else:
+            rows = [[cell, ", ".join(c["chosen"]), c["accuracy"], c["finetune_accuracy"], c["lead"]]
+                    for cell, c in d["choice"].items()]
+            text += [f"A recipe chosen per task and seed among {', '.join(f'`{v}`' for v in choose)}, by the "
+                     "validation accuracy of its kept epoch (then its validation loss):", "",
+                     table(["backbone/dataset", "chosen (seed 0, 1, ...)", "test top-1 %", "strongest fine-tune %",
+                            "fine-tune lead"], rows), ""]
+        text += [code(cmd), ""]
+    return "\n".join(text)
+
+
 # ----------------------------------------------------------------------------- export
 def export_command(path: Path, d: dict) -> str:
     r = d["results"]
@@ -1070,6 +1107,7 @@ def main(argv=None) -> int:
     goals += g
     sections.append(text_acc)
     goals += g_acc
+    sections.append(section_selection(args.results))
 
     v = m["versions"]
     counts = {s: sum(1 for g in goals if g.status == s) for s in ("met", "MISSED", "not measured", "reported")}

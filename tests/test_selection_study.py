@@ -1,0 +1,76 @@
+"""tools/selection_study.py: the epoch-selection rules and the per-task recipe choice, recomputed from the
+checkpoints a set of real (tiny) training runs kept."""
+
+import json
+import shutil
+
+import pytest
+from conftest import import_tool
+
+from pbexport.training import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def runs_root(tiny_npz, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    recipes = {"piggyback-bn": {}, "piggyback-bn-bn3e-3": {"lr_bn": 3e-3}, "finetune": {"method": "finetune"}}
+    for name, settings in recipes.items():
+        cfg = TrainConfig(backbone="cifar_resnet20", data=str(tiny_npz), task=name, epochs=3, batch_size=8,
+                          max_train_samples=32, val_fraction=0.25, input_size=32, **settings)
+        train(cfg, root / "cifar_resnet20" / "tiny" / f"{name}-s0", progress=False)
+    return root
+
+
+def _metrics(root, name):
+    return json.loads((root / "cifar_resnet20" / "tiny" / f"{name}-s0" / "metrics.json").read_text())
+
+
+def test_the_rules_reproduce_the_kept_epoch_and_the_last(runs_root, tmp_path, capsys):
+    study = import_tool("selection_study")
+    out = tmp_path / "selection.json"
+    assert study.main(["--runs", str(runs_root), "--out", str(out), "--seeds", "1",
+                       "--choose", "piggyback-bn", "piggyback-bn-bn3e-3"]) == 0
+    result = json.loads(out.read_text())
+    ours, ft = _metrics(runs_root, "piggyback-bn"), _metrics(runs_root, "finetune")
+    kept = result["rules"]["best val acc, earliest tie"]["cells"]["cifar_resnet20/tiny"]["lead"]
+    assert kept == pytest.approx(100 * (ft["test_accuracy"] - ours["test_accuracy"]), abs=1e-3)
+    last = result["rules"]["last epoch"]["cells"]["cifar_resnet20/tiny"]["lead"]
+    assert last == pytest.approx(100 * (ft["epochs"][-1]["test_accuracy"] - ours["epochs"][-1]["test_accuracy"]),
+                                 abs=1e-3)
+    # the recipe chosen on validation is the one whose kept epoch scored higher there
+    other = _metrics(runs_root, "piggyback-bn-bn3e-3")
+    chosen = result["choice"]["cifar_resnet20/tiny"]["chosen"][0]
+    assert {"piggyback-bn": ours, "piggyback-bn-bn3e-3": other}[chosen]["val_accuracy"] == \
+        max(ours["val_accuracy"], other["val_accuracy"])
+    losses = result["val_loss_cache"]["cifar_resnet20/tiny/piggyback-bn-s0"]
+    assert len(losses) == 3 and all(r["val_loss"] > 0 for r in losses)
+    assert "lowest val loss" in capsys.readouterr().out
+    # BENCHMARKS.md renders it: the chosen recipe per cell, and the command that reproduces it
+    text = import_tool("write_benchmarks").section_selection(tmp_path)
+    assert f"| cifar_resnet20/tiny | {chosen} |" in text
+    assert "selection_study.py --seeds 1 --choose piggyback-bn piggyback-bn-bn3e-3" in text
+
+
+def test_cached_losses_are_reused_and_a_mismatched_checkpoint_is_refused(runs_root, tmp_path, monkeypatch):
+    study = import_tool("selection_study")
+    out = tmp_path / "selection.json"
+    assert study.main(["--runs", str(runs_root), "--out", str(out), "--seeds", "1"]) == 0
+    first = json.loads(out.read_text())
+
+    def no_evaluation(*a, **kw):
+        raise AssertionError("evaluated a run whose losses are cached")
+
+    monkeypatch.setattr(study, "predict_logits", no_evaluation)
+    assert study.main(["--runs", str(runs_root), "--out", str(out), "--seeds", "1"]) == 0
+    assert json.loads(out.read_text())["rules"] == first["rules"]
+    monkeypatch.undo()
+
+    # a run whose checkpoint is not what training evaluated (here: a record that no checkpoint can score)
+    copy = tmp_path / "runs"
+    shutil.copytree(runs_root, copy)
+    metrics_path = copy / "cifar_resnet20" / "tiny" / "piggyback-bn-s0" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["epochs"][0]["val_accuracy"] = 1.5
+    metrics_path.write_text(json.dumps(metrics))
+    with pytest.raises(SystemExit, match="piggyback-bn-s0: epoch 1 evaluates to"):
+        study.main(["--runs", str(copy), "--out", str(tmp_path / "fresh.json"), "--seeds", "1"])

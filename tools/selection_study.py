@@ -1,0 +1,169 @@
+"""Choices made on the validation split, checked against the accuracy benchmark's kept runs (no training).
+
+pbexport keeps each run's epoch with the best validation accuracy (earliest on a tie). Would another rule,
+or choosing a recipe per task on validation (e.g. the per-task BN lr), move the fine-tune lead? Every run
+keeps its per-epoch checkpoints and test accuracies, so this evaluates each checkpoint on the run's own
+validation split (for the validation loss, which training does not record) and recomputes the leads:
+
+    python tools/selection_study.py                        # the epoch-selection rules
+    python tools/selection_study.py --choose piggyback-bn piggyback-bn-bn3e-3
+
+The validation losses are cached in --out (selection.json), keyed by run directory. docs/TRAINING.md
+quotes the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchlib import parse_run_dir_name, points_difference
+from pbexport import runs
+from pbexport.backbones import load_backbone
+from pbexport.data import load_data
+from pbexport.report import format_table
+from pbexport.taskmodel import build_task_model
+from pbexport.training import predict_logits, split_for_run
+
+DEFAULT_RECIPE = "piggyback-bn"
+# epoch-selection rules over one run's per-epoch records; the first is what pbexport does
+RULES = {"best val acc, earliest tie": lambda rs: max(rs, key=lambda r: (r["val_accuracy"], -r["epoch"])),
+         "best val acc, latest tie": lambda rs: max(rs, key=lambda r: (r["val_accuracy"], r["epoch"])),
+         "best val acc, then val loss": lambda rs: max(rs, key=lambda r: (r["val_accuracy"], -r["val_loss"])),
+         "lowest val loss": lambda rs: min(rs, key=lambda r: r["val_loss"]),
+         "last epoch": lambda rs: rs[-1]}
+
+
+def epoch_records(run_dir: Path, cache: dict, loaded: dict) -> list[dict]:
+    """Per epoch: recorded val and test accuracy, and the val loss of that epoch's checkpoint."""
+    history = runs.RunDir(run_dir).metrics()["epochs"]
+    key = "/".join(run_dir.parts[-3:])  # backbone/dataset/run
+    cached = cache.get(key)
+    if cached and [r["test_accuracy"] for r in cached] == [r["test_accuracy"] for r in history]:
+        return cached
+    run = runs.RunDir(run_dir)
+    cfg = run.config()
+    source = (cfg.backbone, cfg.weights, cfg.input_size, cfg.data)
+    if source not in loaded:
+        loaded.clear()  # one (backbone, dataset) in memory at a time
+        backbone = load_backbone(cfg.backbone, cfg.weights, cfg.input_size)
+        loaded[source] = backbone, load_data(cfg.data, backbone.spec.size)
+    backbone, data = loaded[source]
+    _, val = split_for_run(cfg, data)
+    if val is None:
+        raise SystemExit(f"{run_dir}: trained without a validation split")
+    model = build_task_model(backbone, data.num_classes, cfg.method, cfg.train_bn, cfg.seed)
+    labels = torch.as_tensor(val.labels).long()
+    records = []
+    for rec in history:
+        state, _, _ = run.read_checkpoint(run.checkpoint_path(rec["epoch"]))
+        model.load_task_state(state)
+        logits = predict_logits(model, val)
+        accuracy = float((logits.argmax(1) == labels).double().mean())
+        if abs(accuracy - rec["val_accuracy"]) > 1e-9:  # the checkpoint must be the epoch training evaluated
+            raise SystemExit(f"{run_dir}: epoch {rec['epoch']} evaluates to {accuracy} on validation, "
+                             f"the run recorded {rec['val_accuracy']}")
+        records.append({"epoch": rec["epoch"], "val_accuracy": rec["val_accuracy"],
+                        "val_loss": float(F.cross_entropy(logits, labels)), "test_accuracy": rec["test_accuracy"]})
+    cache[key] = records
+    return records
+
+
+def collect(root: Path, variants: set[str], seeds: int, cache: dict) -> dict:
+    """{(backbone, dataset): {variant: {seed: records}}} for the cells where every variant has every seed."""
+    found: dict = {}
+    loaded: dict = {}
+    for run_dir in sorted(root.glob("*/*/*")):
+        parsed = parse_run_dir_name(run_dir.name)
+        if parsed is None or not (run_dir / "metrics.json").exists():
+            continue
+        variant, seed = parsed
+        method = runs.RunDir(run_dir).config().method
+        if seed >= seeds or not (variant in variants or method == "finetune"):
+            continue
+        cell = found.setdefault((run_dir.parts[-3], run_dir.parts[-2]), {})
+        cell.setdefault(variant, {})[seed] = (method, epoch_records(run_dir, cache, loaded))
+    return {cell: by_variant for cell, by_variant in found.items()
+            if all(len(by_variant.get(v, {})) == seeds for v in variants)
+            and any(_is_complete_finetune(r, seeds) for r in by_variant.values())}
+
+
+def _is_complete_finetune(records_by_seed: dict, seeds: int) -> bool:
+    return len(records_by_seed) == seeds and all(method == "finetune" for method, _ in records_by_seed.values())
+
+
+def mean_accuracy(records_by_seed: dict, rule) -> float:
+    return 100 * statistics.mean(rule(records)["test_accuracy"] for _, records in records_by_seed.values())
+
+
+def strongest_finetune(by_variant: dict, seeds: int, rule) -> tuple[str, float]:
+    complete = {v: r for v, r in by_variant.items() if _is_complete_finetune(r, seeds)}
+    return max(((v, mean_accuracy(r, rule)) for v, r in complete.items()), key=lambda t: t[1])
+
+
+def chosen_on_validation(by_variant: dict, candidates: list[str], seed: int, rule) -> tuple[str, dict]:
+    """The candidate recipe whose kept epoch scores best on validation (accuracy, then loss)."""
+    kept = {v: rule(by_variant[v][seed][1]) for v in candidates}
+    best = max(candidates, key=lambda v: (kept[v]["val_accuracy"], -kept[v]["val_loss"]))
+    return best, kept[best]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=Path, default=Path("bench-out/accuracy/runs"))
+    ap.add_argument("--out", type=Path, default=Path("bench-out/selection.json"))
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every compared variant")
+    ap.add_argument("--choose", nargs="+", metavar="VARIANT",
+                    help="also choose among these recipes per task and seed on validation")
+    args = ap.parse_args(argv)
+    cache = json.loads(args.out.read_text())["val_loss_cache"] if args.out.exists() else {}
+    candidates = args.choose or []
+    cells = collect(args.runs, {DEFAULT_RECIPE, *candidates}, args.seeds, cache)
+    if not cells:
+        print(f"no cell has {DEFAULT_RECIPE} and a fine-tune at {args.seeds} seeds under {args.runs}", file=sys.stderr)
+        return 2
+
+    rows = []
+    result = {"recipe": DEFAULT_RECIPE, "seeds": args.seeds, "choose": candidates, "rules": {}, "choice": {}}
+    for name, rule in RULES.items():
+        by_cell = {}
+        for (backbone, dataset), by_variant in sorted(cells.items()):
+            ft_name, ft = strongest_finetune(by_variant, args.seeds, rule)
+            ours = mean_accuracy(by_variant[DEFAULT_RECIPE], rule)
+            lead = points_difference(round(ft, 4), round(ours, 4))
+            by_cell[f"{backbone}/{dataset}"] = {"accuracy": ours, "finetune": ft_name, "finetune_accuracy": ft,
+                                                "lead": lead}
+            rows.append([name, backbone, dataset, ours, f"{ft_name} {ft:.2f}", lead])
+        mean_lead = round(statistics.mean(c["lead"] for c in by_cell.values()), 4)
+        result["rules"][name] = {"cells": by_cell, "mean_lead": mean_lead}
+        rows.append([name, "mean lead", "", None, "", mean_lead])
+    print(format_table(["epoch kept", "backbone", "dataset", f"{DEFAULT_RECIPE} %", "strongest fine-tune %",
+                        "fine-tune lead"], rows, ".2f"))
+
+    if candidates:
+        rule = RULES["best val acc, earliest tie"]
+        rows = []
+        for (backbone, dataset), by_variant in sorted(cells.items()):
+            picks = [chosen_on_validation(by_variant, candidates, s, rule) for s in range(args.seeds)]
+            ours = 100 * statistics.mean(kept["test_accuracy"] for _, kept in picks)
+            _, ft = strongest_finetune(by_variant, args.seeds, rule)
+            lead = points_difference(round(ft, 4), round(ours, 4))
+            result["choice"][f"{backbone}/{dataset}"] = {"chosen": [v for v, _ in picks], "accuracy": ours,
+                                                         "finetune_accuracy": ft, "lead": lead}
+            rows.append([backbone, dataset, ", ".join(v for v, _ in picks), ours, lead])
+        print(f"\nrecipe chosen per task and seed on validation among {', '.join(candidates)}:")
+        print(format_table(["backbone", "dataset", "chosen (seed 0, 1, ...)", "test %", "fine-tune lead"], rows, ".2f"))
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({**result, "val_loss_cache": cache}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
