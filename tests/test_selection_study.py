@@ -63,6 +63,9 @@ def test_cached_losses_are_reused_and_a_mismatched_checkpoint_is_refused(runs_ro
     monkeypatch.setattr(study, "predict_logits", no_evaluation)
     assert study.main(["--runs", str(runs_root), "--out", str(out), "--seeds", "1"]) == 0
     assert json.loads(out.read_text())["rules"] == first["rules"]
+    other = tmp_path / "selection-other.json"  # a second study beside it reuses the losses too
+    assert study.main(["--runs", str(runs_root), "--out", str(other), "--seeds", "1"]) == 0
+    assert json.loads(other.read_text())["rules"] == first["rules"]
     monkeypatch.undo()
 
     # a run whose checkpoint is not what training evaluated (here: a record that no checkpoint can score)

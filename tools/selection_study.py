@@ -8,7 +8,8 @@ validation split (for the validation loss, which training does not record) and r
     python tools/selection_study.py                        # the epoch-selection rules
     python tools/selection_study.py --choose piggyback-bn piggyback-bn-bn3e-3
 
-The validation losses are cached in --out (selection.json), keyed by run directory. docs/TRAINING.md
+The validation losses are cached in --out (selection.json), keyed by run directory, and reused from any
+selection*.json beside it while the run's recorded history is unchanged. docs/TRAINING.md
 quotes the results.
 """
 
@@ -45,7 +46,8 @@ def epoch_records(run_dir: Path, cache: dict, loaded: dict) -> list[dict]:
     history = runs.RunDir(run_dir).metrics()["epochs"]
     key = "/".join(run_dir.parts[-3:])  # backbone/dataset/run
     cached = cache.get(key)
-    if cached and [r["test_accuracy"] for r in cached] == [r["test_accuracy"] for r in history]:
+    recorded = [(r["val_accuracy"], r["test_accuracy"]) for r in history]
+    if cached and [(r["val_accuracy"], r["test_accuracy"]) for r in cached] == recorded:
         return cached
     run = runs.RunDir(run_dir)
     cfg = run.config()
@@ -122,7 +124,9 @@ def main(argv=None) -> int:
     ap.add_argument("--choose", nargs="+", metavar="VARIANT",
                     help="also choose among these recipes per task and seed on validation")
     args = ap.parse_args(argv)
-    cache = json.loads(args.out.read_text())["val_loss_cache"] if args.out.exists() else {}
+    cache = {}  # validation losses already evaluated, by this or another selection*.json beside --out
+    for path in sorted(args.out.parent.glob("selection*.json")):
+        cache.update(json.loads(path.read_text()).get("val_loss_cache", {}))
     candidates = args.choose or []
     cells = collect(args.runs, {DEFAULT_RECIPE, *candidates}, args.seeds, cache)
     if not cells:
