@@ -77,3 +77,10 @@ def test_cached_losses_are_reused_and_a_mismatched_checkpoint_is_refused(runs_ro
     metrics_path.write_text(json.dumps(metrics))
     with pytest.raises(SystemExit, match="piggyback-bn-s0: epoch 1 evaluates to"):
         study.main(["--runs", str(copy), "--out", str(tmp_path / "fresh.json"), "--seeds", "1"])
+
+    # a damaged result file beside --out is named, and left as it is
+    damaged = tmp_path / "selection-damaged.json"
+    damaged.write_text("{not json")
+    with pytest.raises(SystemExit, match="selection-damaged.json: not a selection study result"):
+        study.main(["--runs", str(runs_root), "--out", str(out), "--seeds", "1"])
+    assert damaged.read_text() == "{not json" and json.loads(out.read_text())["rules"] == first["rules"]

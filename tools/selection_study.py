@@ -28,6 +28,7 @@ from benchlib import parse_run_dir_name, points_difference
 from pbexport import runs
 from pbexport.backbones import load_backbone
 from pbexport.data import load_data
+from pbexport.fileio import atomic_write_json
 from pbexport.report import format_table
 from pbexport.taskmodel import build_task_model
 from pbexport.training import predict_logits, split_for_run
@@ -43,13 +44,13 @@ RULES = {"best val acc, earliest tie": lambda rs: max(rs, key=lambda r: (r["val_
 
 def epoch_records(run_dir: Path, cache: dict, loaded: dict) -> list[dict]:
     """Per epoch: recorded val and test accuracy, and the val loss of that epoch's checkpoint."""
-    history = runs.RunDir(run_dir).metrics()["epochs"]
+    run = runs.RunDir(run_dir)
+    history = run.metrics()["epochs"]
     key = "/".join(run_dir.parts[-3:])  # backbone/dataset/run
     cached = cache.get(key)
     recorded = [(r["val_accuracy"], r["test_accuracy"]) for r in history]
     if cached and [(r["val_accuracy"], r["test_accuracy"]) for r in cached] == recorded:
         return cached
-    run = runs.RunDir(run_dir)
     cfg = run.config()
     source = (cfg.backbone, cfg.weights, cfg.input_size, cfg.data)
     if source not in loaded:
@@ -126,7 +127,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cache = {}  # validation losses already evaluated, by this or another selection*.json beside --out
     for path in sorted(args.out.parent.glob("selection*.json")):
-        cache.update(json.loads(path.read_text()).get("val_loss_cache", {}))
+        try:
+            cache.update(json.loads(path.read_text()).get("val_loss_cache", {}))
+        except (OSError, ValueError, AttributeError) as e:
+            raise SystemExit(f"{path}: not a selection study result ({e}); move it away to start afresh") from None
     candidates = args.choose or []
     cells = collect(args.runs, {DEFAULT_RECIPE, *candidates}, args.seeds, cache)
     if not cells:
@@ -161,11 +165,13 @@ def main(argv=None) -> int:
             result["choice"][f"{backbone}/{dataset}"] = {"chosen": [v for v, _ in picks], "accuracy": ours,
                                                          "finetune_accuracy": ft, "lead": lead}
             rows.append([backbone, dataset, ", ".join(v for v, _ in picks), ours, lead])
+        result["choice_mean_lead"] = round(statistics.mean(c["lead"] for c in result["choice"].values()), 4)
+        rows.append(["mean lead", "", "", None, result["choice_mean_lead"]])
         print(f"\nrecipe chosen per task and seed on validation among {', '.join(candidates)}:")
         print(format_table(["backbone", "dataset", "chosen (seed 0, 1, ...)", "test %", "fine-tune lead"], rows, ".2f"))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({**result, "val_loss_cache": cache}))
+    atomic_write_json(args.out, {**result, "val_loss_cache": cache})
     return 0
 
 

@@ -769,8 +769,7 @@ def section_selection(results: Path) -> str:
         else:
             rows = [[cell, ", ".join(c["chosen"]), c["accuracy"], c["finetune_accuracy"], c["lead"]]
                     for cell, c in d["choice"].items()]
-            rows.append(["mean over the cells", "", None, None,
-                         round(statistics.mean(c["lead"] for c in d["choice"].values()), 4)])
+            rows.append(["mean over the cells", "", None, None, d.get("choice_mean_lead")])
             text += [f"A recipe chosen per task and seed among {', '.join(f'`{v}`' for v in choose)}, by the "
                      "validation accuracy of its kept epoch (then its validation loss):", "",
                      table(["backbone/dataset", "chosen (seed 0, 1, ...)", "test top-1 %", "strongest fine-tune %",
