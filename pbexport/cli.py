@@ -16,6 +16,20 @@ from . import __version__
 from .errors import PbexportError
 
 
+class LrOrAuto(click.ParamType):
+    """A learning rate, or ``auto`` (chosen on the validation split)."""
+
+    name = "LR|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) or value == "auto":
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
+
+
 def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
@@ -85,8 +99,10 @@ def backbones_cmd() -> None:
 @click.option("--lr-head", type=float, default=None,
               help="Adam lr of the head (and per-task BN). Default: 1e-2 for piggyback, 1e-3 for classifier and "
                    "finetune.")
-@click.option("--lr-bn", type=float, default=None,
-              help="Adam lr of the per-task BN (piggyback, classifier --train-bn). Default: the head lr.")
+@click.option("--lr-bn", type=LrOrAuto(), default=None,
+              help="Adam lr of the per-task BN (piggyback, classifier --train-bn), or auto: train the task at "
+                   "BN lr 1e-2 and 3e-3 (same seed; twice the training) and keep the run that scores best on "
+                   "the validation split. Default: auto for piggyback, the head lr otherwise.")
 @click.option("--lr-backbone", type=float, default=1e-3, show_default=True, help="Adam lr of all weights (finetune).")
 @click.option("--mask-decay", type=float, default=0.0, show_default=True,
               help="Pull switched-off mask scores back toward keep: fewer flips, fewer stored bits.")
@@ -109,6 +125,10 @@ def train_cmd(out, resume, quiet, **options) -> None:
 
     cfg = TrainConfig(**options)
     metrics = train(cfg, out, resume=resume, progress=not quiet)
+    for t in metrics.get("lr_bn_candidates", []):
+        chosen = " <- kept" if t["lr_bn"] == metrics["lr_bn"] else ""
+        click.echo(f"  BN lr {t['lr_bn']:g}: validation accuracy {t['val_accuracy']:.4f}, "
+                   f"loss {t['val_loss']:.4f}{chosen}")
     density = metrics["mask_density"]
     click.echo(f"{cfg.task} ({cfg.method}): test accuracy {metrics['test_accuracy']:.4f} "
                f"(best epoch {metrics['best_epoch']}"

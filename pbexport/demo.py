@@ -75,7 +75,8 @@ def run_demo(out: str | Path, epochs: int = 3, base_epochs: int = 4, progress: b
     accuracy: dict[str, dict[str, float]] = {t: {} for t in tasks}
     for task in tasks:
         for method in ("classifier", "piggyback"):
-            step(f"{task}: {method} ({epochs} epochs on the frozen backbone)")
+            twice = ", twice: the per-task BN lr is chosen on validation" if method == "piggyback" else ""
+            step(f"{task}: {method} ({epochs} epochs on the frozen backbone{twice})")
             metrics = train(TrainConfig(backbone=BACKBONE, weights=str(base_dir), data=f"synthetic:{task}",
                                         task=task, method=method, epochs=epochs),
                             out / "runs" / f"{task}-{method}", progress=progress)

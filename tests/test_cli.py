@@ -27,6 +27,8 @@ def test_train_then_eval_json(tmp_path, tiny_npz):
                  "--epochs", "1", "--batch-size", "16", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "tiny (piggyback): test accuracy" in r.stdout
+    kept = [line for line in r.stdout.splitlines() if line.startswith("  BN lr")]  # chosen on validation
+    assert len(kept) == 2 and sum(line.endswith("<- kept") for line in kept) == 1
     r = pbexport("eval", out, "--data", tiny_npz, "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
@@ -49,6 +51,14 @@ def test_unknown_backbone(train_args):
 def test_unknown_method(train_args):
     assert_one_line_error(pbexport(*train_args, "--backbone", "cifar_resnet20", "--method", "lora"),
                           "'lora' is not one of 'piggyback', 'classifier', 'finetune'")
+
+
+def test_bn_lr_is_a_number_or_auto(train_args, tmp_path):
+    assert_one_line_error(pbexport(*train_args, "--backbone", "cifar_resnet20", "--lr-bn", "fast"),
+                          "'fast' is neither a number nor 'auto'")
+    assert_one_line_error(pbexport(*train_args, "--backbone", "cifar_resnet20", "--lr-bn", "auto", "--no-train-bn"),
+                          "--lr-bn auto needs per-task BN")
+    assert not (tmp_path / "run").exists()
 
 
 def test_weights_of_wrong_shape(train_args, tmp_path):

@@ -13,6 +13,7 @@ from pbexport.training import TrainConfig, train
 @pytest.fixture(scope="module")
 def runs_root(tiny_npz, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
+    # the default (BN lr chosen among two candidates), one fixed BN lr, and fine-tuning
     recipes = {"piggyback-bn": {}, "piggyback-bn-bn3e-3": {"lr_bn": 3e-3}, "finetune": {"method": "finetune"}}
     for name, settings in recipes.items():
         cfg = TrainConfig(backbone="cifar_resnet20", data=str(tiny_npz), task=name, epochs=3, batch_size=8,
@@ -34,16 +35,19 @@ def test_the_rules_reproduce_the_kept_epoch_and_the_last(runs_root, tmp_path, ca
     ours, ft = _metrics(runs_root, "piggyback-bn"), _metrics(runs_root, "finetune")
     kept = result["rules"]["best val acc, earliest tie"]["cells"]["cifar_resnet20/tiny"]["lead"]
     assert kept == pytest.approx(100 * (ft["test_accuracy"] - ours["test_accuracy"]), abs=1e-3)
+    # the default chooses its BN lr on validation: under another rule the choice is made again, among the
+    # candidates' epochs that rule keeps
+    cache = result["val_loss_cache"]
+    candidates = [cache[f"cifar_resnet20/tiny/piggyback-bn-s0/candidates/lr-bn-{lr:g}"] for lr in (1e-2, 3e-3)]
+    last_kept = max((records[-1] for records in candidates), key=lambda r: (r["val_accuracy"], -r["val_loss"]))
     last = result["rules"]["last epoch"]["cells"]["cifar_resnet20/tiny"]["lead"]
-    assert last == pytest.approx(100 * (ft["epochs"][-1]["test_accuracy"] - ours["epochs"][-1]["test_accuracy"]),
-                                 abs=1e-3)
+    assert last == pytest.approx(100 * (ft["epochs"][-1]["test_accuracy"] - last_kept["test_accuracy"]), abs=1e-3)
     # the recipe chosen on validation is the one whose kept epoch scored higher there
     other = _metrics(runs_root, "piggyback-bn-bn3e-3")
     chosen = result["choice"]["cifar_resnet20/tiny"]["chosen"][0]
     assert {"piggyback-bn": ours, "piggyback-bn-bn3e-3": other}[chosen]["val_accuracy"] == \
         max(ours["val_accuracy"], other["val_accuracy"])
-    losses = result["val_loss_cache"]["cifar_resnet20/tiny/piggyback-bn-s0"]
-    assert len(losses) == 3 and all(r["val_loss"] > 0 for r in losses)
+    assert all(len(records) == 3 and all(r["val_loss"] > 0 for r in records) for records in candidates)
     assert "lowest val loss" in capsys.readouterr().out
     # BENCHMARKS.md renders it: the chosen recipe per cell, and the command that reproduces it
     text = import_tool("write_benchmarks").section_selection(tmp_path)
@@ -71,11 +75,20 @@ def test_cached_losses_are_reused_and_a_mismatched_checkpoint_is_refused(runs_ro
     # a run whose checkpoint is not what training evaluated (here: a record that no checkpoint can score)
     copy = tmp_path / "runs"
     shutil.copytree(runs_root, copy)
-    metrics_path = copy / "cifar_resnet20" / "tiny" / "piggyback-bn-s0" / "metrics.json"
+    run = copy / "cifar_resnet20" / "tiny" / "piggyback-bn-s0"
+    metrics_path = run / "candidates" / "lr-bn-0.01" / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
     metrics["epochs"][0]["val_accuracy"] = 1.5
     metrics_path.write_text(json.dumps(metrics))
-    with pytest.raises(SystemExit, match="piggyback-bn-s0: epoch 1 evaluates to"):
+    with pytest.raises(SystemExit, match="lr-bn-0.01: epoch 1 evaluates to"):
+        study.main(["--runs", str(copy), "--out", str(tmp_path / "fresh.json"), "--seeds", "1"])
+    # a run whose recorded BN lr is not the one its candidates' validation scores choose
+    shutil.copy(runs_root / "cifar_resnet20" / "tiny" / "piggyback-bn-s0" / "candidates" / "lr-bn-0.01" /
+                "metrics.json", metrics_path)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["lr_bn"] = 3e-3 if metrics["lr_bn"] == 1e-2 else 1e-2
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(SystemExit, match="piggyback-bn-s0: chose BN lr"):
         study.main(["--runs", str(copy), "--out", str(tmp_path / "fresh.json"), "--seeds", "1"])
 
     # a damaged result file beside --out is named, and left as it is

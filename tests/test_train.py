@@ -25,8 +25,9 @@ ARCHS = [
 
 
 def _cfg(tiny_npz, **kw):
+    """One training per run (a fixed BN lr): the per-task BN lr choice (lr_bn auto) has its own tests."""
     base = dict(backbone="cifar_resnet20", data=str(tiny_npz), task="tiny", epochs=1, batch_size=8,
-                max_train_samples=8, val_fraction=0.25, input_size=32)
+                max_train_samples=8, val_fraction=0.25, input_size=32, lr_bn=1e-2)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -131,13 +132,23 @@ def test_head_lr_default_depends_on_the_method():
     assert TrainConfig.from_dict(cfg(method="finetune").to_dict()).lr_head == 1e-3
 
 
-def test_bn_lr_follows_the_head_lr_unless_set():
+def test_bn_lr_is_chosen_for_piggyback_and_follows_the_head_lr_otherwise():
     def cfg(**kw):
         return TrainConfig(backbone="cifar_resnet20", data="synthetic:x", task="t", **kw)
-    assert cfg().lr_bn == cfg().lr_head and cfg(lr_head=3e-3).lr_bn == 3e-3
+    assert cfg().lr_bn == "auto" and [c.lr_bn for c in cfg().bn_candidates()] == [1e-2, 3e-3]
+    assert cfg(train_bn=False).lr_bn == 1e-2 and cfg(val_fraction=0.0).lr_bn == 1e-2  # nothing to choose with
+    assert cfg(method="classifier", train_bn=True).lr_bn == 1e-3
+    assert cfg(method="classifier", train_bn=True, lr_bn="auto").lr_bn == "auto"
+    with pytest.raises(PbexportError, match="--lr-bn auto needs per-task BN"):
+        cfg(train_bn=False, lr_bn="auto")
+    with pytest.raises(PbexportError, match="--lr-bn auto chooses on the validation split"):
+        cfg(val_fraction=0.0, lr_bn="auto")
+    with pytest.raises(PbexportError, match="--lr-bn must be a number or 'auto', got 'fast'"):
+        cfg(lr_bn="fast")
+    assert TrainConfig.from_dict(cfg().to_dict()).settings() == cfg().settings()
     # a config stored before lr_bn existed trained BN at its head lr, and reads back so
     old = {k: v for k, v in cfg(lr_head=3e-3).to_dict().items() if k != "lr_bn"}
-    assert TrainConfig.from_dict(old).settings() == cfg(lr_head=3e-3).settings()
+    assert TrainConfig.from_dict(old).settings() == cfg(lr_head=3e-3, lr_bn=3e-3).settings()
     model = build_task_model(load_backbone("cifar_resnet20", None), 3, "piggyback", True, 0)
     lrs = {g["name"]: g["lr"] for g in make_optimizer(model, cfg(lr_bn=1e-3)).param_groups}
     assert lrs == {"head": 1e-2, "bn": 1e-3, "mask": 3e-4}
@@ -157,7 +168,7 @@ def test_train_or_reuse_keeps_a_finished_run_while_its_settings_match(tmp_path, 
     assert calls == []
     retrained = train_or_reuse(_cfg(tiny_npz, method="finetune", lr_backbone=1.0), run, progress=False)
     assert retrained == {"retrained": True}
-    assert calls == [{"resume": False, "progress": False}] and not run.exists()  # the stale run was replaced
+    assert calls == [{"resume": False, "progress": False, "data": None}] and not run.exists()  # stale: replaced
     # a directory that is not a run is never deleted: training refuses it, its files intact
     monkeypatch.undo()
     other = tmp_path / "notes"
@@ -218,3 +229,54 @@ def test_mask_decay_holds_weights_switched_on(tmp_path, tiny_npz):
     assert held["mask_density"] == 1.0
     with pytest.raises(PbexportError, match="--mask-decay must be at least 0"):
         _cfg(tiny_npz, mask_decay=-1e-5)
+
+
+def _state(run_dir):
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def test_auto_bn_lr_keeps_the_candidate_that_scores_best_on_validation(tmp_path, tiny_npz, monkeypatch):
+    import torch.nn.functional as F
+
+    import pbexport.training as training
+    from pbexport.data import load_data
+
+    # a BN lr of 10 wrecks the per-task BN: listed first, it must still lose on validation
+    monkeypatch.setattr(training, "AUTO_LR_BN", (10.0, 1e-2))
+    cfg = _cfg(tiny_npz, lr_bn="auto", epochs=2, max_train_samples=None)
+    out = tmp_path / "run"
+    metrics = train(cfg, out, progress=False)
+    _, val = training.split_for_run(cfg, load_data(str(tiny_npz)))
+    scores = {}
+    for lr in (10.0, 1e-2):
+        where = training.candidate_dir(out, lr)
+        assert json.loads((where / "config.json").read_text())["config"]["lr_bn"] == lr
+        run = load_run(where)
+        logits = training.predict_logits(run.model, val)
+        scores[lr] = (run.metrics["val_accuracy"], -float(F.cross_entropy(logits, torch.as_tensor(val.labels))))
+    assert scores[1e-2] > scores[10.0] and metrics["lr_bn"] == 1e-2
+    chosen = training.candidate_dir(out, 1e-2)
+    assert metrics["test_accuracy"] == load_run(chosen).metrics["test_accuracy"]
+    a, b = _state(out), _state(chosen)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the run directory reads like any other, with lr_bn auto in its config and both trainings' time
+    reloaded = load_run(out)
+    assert reloaded.info["config"]["lr_bn"] == "auto"
+    assert evaluate(reloaded.model, load_data(str(tiny_npz)).test) == metrics["test_accuracy"]
+    assert training.train_seconds(metrics) == pytest.approx(
+        sum(training.train_seconds(load_run(training.candidate_dir(out, lr)).metrics) for lr in (10.0, 1e-2)))
+
+
+def test_an_interrupted_auto_run_continues_without_redoing_a_finished_candidate(tmp_path, tiny_npz, monkeypatch):
+    cfg = _cfg(tiny_npz, lr_bn="auto", epochs=2)
+    with killed_at_step(3, monkeypatch):  # in the second candidate's first epoch (1 step per epoch)
+        train_or_reuse(cfg, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "candidates" / "lr-bn-0.01" / "metrics.json").exists()
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    steps = []
+    monkeypatch.setattr(torch.optim.Adam, "step", _counting(torch.optim.Adam.step, steps))
+    metrics = train_or_reuse(cfg, tmp_path / "run", progress=False)
+    assert len(steps) == 2 and [t["lr_bn"] for t in metrics["lr_bn_candidates"]] == [1e-2, 3e-3]
+    fresh = train(cfg, tmp_path / "fresh", progress=False)
+    assert {k: v for k, v in metrics.items() if k != "epochs" and k != "lr_bn_candidates"} == \
+        {k: v for k, v in fresh.items() if k != "epochs" and k != "lr_bn_candidates"}

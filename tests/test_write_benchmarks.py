@@ -2,6 +2,7 @@
 without a result is 'not measured', never invented; missing accuracy runs say what they still need."""
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -193,3 +194,25 @@ def test_the_mean_lead_over_the_grid_is_judged_only_when_every_cell_has_every_se
     _run_dir(res, "cifar_resnet56", "mnist", "piggyback-bn", 2, (2900 + 9) / 3000)
     _, goals = write(tmp_path, res)
     assert goals[name] == ("-0.05 (per backbone: cifar_resnet20 +0.10, cifar_resnet56 -0.20)", "met"), goals[name]
+
+
+def test_the_default_reports_the_bn_lr_it_chose_and_the_time_of_both_trainings(tmp_path):
+    res = tmp_path / "bench-out"
+    _run_dir(res, "cifar_resnet20", "gtsrb", "finetune", 0, 0.97)
+    run = res / "accuracy" / "runs" / "cifar_resnet20" / "gtsrb" / "piggyback-bn-s0"
+    tried = []
+    for lr in (1e-2, 3e-3):  # each candidate trained 2 epochs of 60 s
+        where = run / "candidates" / f"lr-bn-{lr:g}"
+        where.mkdir(parents=True)
+        (where / "config.json").write_text(json.dumps({"config": {"method": "piggyback", "epochs": 2}}))
+        (where / "metrics.json").write_text(json.dumps({"test_accuracy": 0.97, "epochs": [{"seconds": 60.0}] * 2}))
+        started = (where / "config.json").stat().st_mtime
+        os.utime(where / "metrics.json", (started + 150, started + 150))  # 150 s from config to metrics
+        tried.append({"lr_bn": lr, "run": f"candidates/lr-bn-{lr:g}", "train_seconds": 120.0})
+    (run / "config.json").write_text(json.dumps({"config": {"method": "piggyback", "epochs": 2, "lr_bn": "auto"}}))
+    (run / "metrics.json").write_text(json.dumps({"test_accuracy": 0.97, "mask_density": 0.7, "lr_bn": 3e-3,
+                                                  "lr_bn_candidates": tried, "epochs": [{"seconds": 60.0}] * 2}))
+    text, _ = write(tmp_path, res)
+    assert "The per-task BN lr `piggyback-bn` chose on validation: cifar_resnet20 / gtsrb: seed 0 0.003." in text
+    row = next(line for line in text.splitlines() if line.startswith("| cifar_resnet20 | gtsrb | piggyback-bn |"))
+    assert row.endswith("| 5.00 |"), row  # minutes per run: both trainings' wall time

@@ -33,7 +33,7 @@ from pbexport.bundle import load_bundle, pack_runs
 from pbexport.data import ImageSet
 from pbexport.report import format_table
 from pbexport.taskmodel import TaskModel
-from pbexport.training import TrainConfig, evaluate, predict_logits, run_settings, train_or_reuse
+from pbexport.training import TrainConfig, evaluate, predict_logits, run_settings, train_or_reuse, train_seconds
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 WEIGHTS = {"cifar_resnet20": SHARED / "resnet_cifar10" / "resnet20-12fca82f.th",
@@ -49,8 +49,9 @@ EXTRA_FINETUNE = {"finetune-none": {"method": "finetune", "augment": "none"},
                   # fine-tuning with piggyback's faster head lr: is the baseline held back by its own?
                   "finetune-head1e-2": {"method": "finetune", "lr_head": 1e-2}}
 # The storage frontier: the default recipe with another mask lr, mask decay, head or BN lr, augmentation or
-# epoch count; a recipe equal to the defaults is the piggyback-bn run itself. The recipes tried around
-# the first default (head lr 1e-3) keep that head lr, so their runs stay valid; the table names it.
+# epoch count. The recipes tried around the first default (head lr 1e-3) keep that head lr, so their runs
+# stay valid; the table names it. Each trains one fixed per-task BN lr (the head lr unless it names one),
+# where the default chooses it per task on validation: head1e-2 is the default before it did.
 HEAD_1E3 = {"lr_head": 1e-3}
 FRONTIER_RECIPES = {"head1e-3": HEAD_1E3, "head3e-3": {"lr_head": 3e-3}, "head1e-2": {"lr_head": 1e-2},
                     "lr1e-3": {"lr_mask": 1e-3, **HEAD_1E3}, "lr1e-4": {"lr_mask": 1e-4, **HEAD_1E3},
@@ -64,10 +65,9 @@ FRONTIER_RECIPES = {"head1e-3": HEAD_1E3, "head3e-3": {"lr_head": 3e-3}, "head1e
                     "bn3e-3": {"lr_bn": 3e-3}, "lr1e-4-head1e-2": {"lr_mask": 1e-4, "lr_head": 1e-2},
                     # between the two BN lrs, and a faster head beside the slower BN
                     "bn5e-3": {"lr_bn": 5e-3}, "head3e-2-bn3e-3": {"lr_head": 3e-2, "lr_bn": 3e-3}}
-DEFAULT_SETTINGS = TrainConfig(backbone="-", data="-", task="-")  # what piggyback-bn trains with
-FRONTIER = {f"piggyback-bn-{name}": {"method": "piggyback", **overrides}
-            for name, overrides in FRONTIER_RECIPES.items()
-            if any(getattr(DEFAULT_SETTINGS, k) != v for k, v in overrides.items())}
+DEFAULT_SETTINGS = TrainConfig(backbone="-", data="-", task="-")  # what piggyback-bn trains with (lr_bn auto)
+FRONTIER = {f"piggyback-bn-{name}": {"method": "piggyback", "lr_bn": overrides.get("lr_head", DEFAULT_SETTINGS.lr_head),
+                                      **overrides} for name, overrides in FRONTIER_RECIPES.items()}
 ALL_VARIANTS = {**VARIANTS, **EXTRA_FINETUNE, **FRONTIER}
 FINETUNE_VARIANTS = tuple(v for v, settings in ALL_VARIANTS.items() if settings["method"] == "finetune")
 
@@ -98,7 +98,8 @@ def run_row(cfg: TrainConfig, variant: str, run_dir: Path, metrics: dict) -> dic
     data = next((k for k, path in DATASETS.items() if str(path) == cfg.data), cfg.data)
     return {"backbone": cfg.backbone, "dataset": dataset_key(data), "data": data, "variant": variant,
             "method": cfg.method, "seed": cfg.seed, "run": str(run_dir), "test_accuracy": metrics["test_accuracy"],
-            "mask_density": metrics["mask_density"], "train_seconds": sum(e["seconds"] for e in metrics["epochs"])}
+            "mask_density": metrics["mask_density"], "train_seconds": train_seconds(metrics),
+            "lr_bn": metrics.get("lr_bn")}  # the BN lr a piggyback-bn run chose on validation
 
 
 def earlier_rows(out: Path, planned: set, args) -> list[dict]:

@@ -166,7 +166,8 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps({
         "backbone": args.backbone, "epochs": args.epochs, "max_train_samples": args.max_train_samples or None,
         "seed": args.seed, "calib_samples": args.calib_samples, "eval_samples": args.eval_samples,
-        "lr_mask": cfg.lr_mask, "lr_head": cfg.lr_head, "augment": cfg.augment, "per_channel": True,  # as trained
+        "lr_mask": cfg.lr_mask, "lr_head": cfg.lr_head, "lr_bn": cfg.lr_bn, "augment": cfg.augment,  # as trained
+        "per_channel": True,
         "threads": args.threads, "clock": args.clock, "rounds": args.rounds, "inner": args.inner,
         "bundle": str(bundle), "loadavg": os.getloadavg(), "seconds": time.time() - started, "rows": rows,
     }, indent=2) + "\n")

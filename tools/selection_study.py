@@ -6,11 +6,12 @@ keeps its per-epoch checkpoints and test accuracies, so this evaluates each chec
 validation split (for the validation loss, which training does not record) and recomputes the leads:
 
     python tools/selection_study.py                        # the epoch-selection rules
-    python tools/selection_study.py --choose piggyback-bn piggyback-bn-bn3e-3
+    python tools/selection_study.py --choose piggyback-bn-head1e-2 piggyback-bn-bn5e-3   # e.g. other BN lrs
 
-The validation losses are cached in --out (selection.json), keyed by run directory, and reused from any
-selection*.json beside it while the run's recorded history is unchanged. docs/TRAINING.md
-quotes the results.
+The default recipe chooses its per-task BN lr on validation (``lr_bn="auto"``): under each rule that
+choice is made again, from its candidates' epochs kept by the rule. The validation losses are cached in
+--out (selection.json), keyed by run directory, and reused from any selection*.json beside it while the
+run's recorded history is unchanged. docs/TRAINING.md quotes the results.
 """
 
 from __future__ import annotations
@@ -34,19 +35,19 @@ from pbexport.taskmodel import build_task_model
 from pbexport.training import predict_logits, split_for_run
 
 DEFAULT_RECIPE = "piggyback-bn"
+PBEXPORT_RULE = "best val acc, earliest tie"
 # epoch-selection rules over one run's per-epoch records; the first is what pbexport does
-RULES = {"best val acc, earliest tie": lambda rs: max(rs, key=lambda r: (r["val_accuracy"], -r["epoch"])),
+RULES = {PBEXPORT_RULE: lambda rs: max(rs, key=lambda r: (r["val_accuracy"], -r["epoch"])),
          "best val acc, latest tie": lambda rs: max(rs, key=lambda r: (r["val_accuracy"], r["epoch"])),
          "best val acc, then val loss": lambda rs: max(rs, key=lambda r: (r["val_accuracy"], -r["val_loss"])),
          "lowest val loss": lambda rs: min(rs, key=lambda r: r["val_loss"]),
          "last epoch": lambda rs: rs[-1]}
 
 
-def epoch_records(run_dir: Path, cache: dict, loaded: dict) -> list[dict]:
+def epoch_records(run_dir: Path, key: str, cache: dict, loaded: dict) -> list[dict]:
     """Per epoch: recorded val and test accuracy, and the val loss of that epoch's checkpoint."""
     run = runs.RunDir(run_dir)
     history = run.metrics()["epochs"]
-    key = "/".join(run_dir.parts[-3:])  # backbone/dataset/run
     cached = cache.get(key)
     recorded = [(r["val_accuracy"], r["test_accuracy"]) for r in history]
     if cached and [(r["val_accuracy"], r["test_accuracy"]) for r in cached] == recorded:
@@ -78,8 +79,38 @@ def epoch_records(run_dir: Path, cache: dict, loaded: dict) -> list[dict]:
     return records
 
 
+def run_candidates(root: Path, run_dir: Path, cache: dict, loaded: dict) -> list[list[dict]]:
+    """The epoch records of every run a run chose among: its BN-lr candidates (lr_bn auto), else itself.
+
+    The choice is checked: under pbexport's rule it must be the BN lr the run recorded.
+    """
+    metrics = runs.RunDir(run_dir).metrics()
+    tried = metrics.get("lr_bn_candidates")
+    if not tried:
+        return [epoch_records(run_dir, run_dir.relative_to(root).as_posix(), cache, loaded)]
+    candidates = [epoch_records(run_dir / t["run"], (run_dir / t["run"]).relative_to(root).as_posix(), cache, loaded)
+                  for t in tried]
+    rule = RULES[PBEXPORT_RULE]
+    kept = kept_by(candidates, rule)
+    chosen = next(i for i, records in enumerate(candidates) if rule(records) is kept)
+    if tried[chosen]["lr_bn"] != metrics["lr_bn"]:
+        raise SystemExit(f"{run_dir}: chose BN lr {metrics['lr_bn']}, its candidates' validation scores choose "
+                         f"{tried[chosen]['lr_bn']}")
+    return candidates
+
+
+def _val_score(record: dict) -> tuple:
+    return record["val_accuracy"], -record["val_loss"]
+
+
+def kept_by(candidates: list[list[dict]], rule) -> dict:
+    """The record a run keeps under an epoch rule: each candidate's kept epoch, the best on validation."""
+    return max((rule(records) for records in candidates), key=_val_score)  # the first on a full tie, as training
+
+
 def collect(root: Path, variants: set[str], seeds: int, cache: dict) -> dict:
-    """{(backbone, dataset): {variant: {seed: records}}} for the cells where every variant has every seed."""
+    """{(backbone, dataset): {variant: {seed: (method, candidates)}}} for the cells where every variant has
+    every seed."""
     found: dict = {}
     loaded: dict = {}
     for run_dir in sorted(root.glob("*/*/*")):
@@ -91,7 +122,7 @@ def collect(root: Path, variants: set[str], seeds: int, cache: dict) -> dict:
         if seed >= seeds or not (variant in variants or method == "finetune"):
             continue
         cell = found.setdefault((run_dir.parts[-3], run_dir.parts[-2]), {})
-        cell.setdefault(variant, {})[seed] = (method, epoch_records(run_dir, cache, loaded))
+        cell.setdefault(variant, {})[seed] = (method, run_candidates(root, run_dir, cache, loaded))
     return {cell: by_variant for cell, by_variant in found.items()
             if all(len(by_variant.get(v, {})) == seeds for v in variants)
             and any(_is_complete_finetune(r, seeds) for r in by_variant.values())}
@@ -102,7 +133,8 @@ def _is_complete_finetune(records_by_seed: dict, seeds: int) -> bool:
 
 
 def mean_accuracy(records_by_seed: dict, rule) -> float:
-    return 100 * statistics.mean(rule(records)["test_accuracy"] for _, records in records_by_seed.values())
+    return 100 * statistics.mean(kept_by(candidates, rule)["test_accuracy"]
+                                 for _, candidates in records_by_seed.values())
 
 
 def strongest_finetune(by_variant: dict, seeds: int, rule) -> tuple[str, float]:
@@ -112,8 +144,8 @@ def strongest_finetune(by_variant: dict, seeds: int, rule) -> tuple[str, float]:
 
 def chosen_on_validation(by_variant: dict, candidates: list[str], seed: int, rule) -> tuple[str, dict]:
     """The candidate recipe whose kept epoch scores best on validation (accuracy, then loss)."""
-    kept = {v: rule(by_variant[v][seed][1]) for v in candidates}
-    best = max(candidates, key=lambda v: (kept[v]["val_accuracy"], -kept[v]["val_loss"]))
+    kept = {v: kept_by(by_variant[v][seed][1], rule) for v in candidates}
+    best = max(candidates, key=lambda v: _val_score(kept[v]))
     return best, kept[best]
 
 
@@ -155,7 +187,7 @@ def main(argv=None) -> int:
                         "fine-tune lead"], rows, ".2f"))
 
     if candidates:
-        rule = RULES["best val acc, earliest tie"]
+        rule = RULES[PBEXPORT_RULE]
         rows = []
         for (backbone, dataset), by_variant in sorted(cells.items()):
             picks = [chosen_on_validation(by_variant, candidates, s, rule) for s in range(args.seeds)]
