@@ -768,11 +768,12 @@ def section_selection(results: Path) -> str:
     """What choosing otherwise on the validation split would do to the fine-tune leads (no goal of its own)."""
     text = ["## Choices on the validation split",
             "",
-            "Each run keeps the epoch with the best validation accuracy (earliest on a tie). "
-            "`tools/selection_study.py` recomputes the fine-tune leads of the accuracy benchmark under other rules, "
-            "applied to every method alike, and with a recipe chosen per task and seed on validation, from the "
-            "checkpoints the runs kept (their validation loss is evaluated afresh; no training). A lead <= 0 is "
-            "the accuracy goal.",
+            "Each run keeps the epoch with the best validation accuracy (earliest on a tie), and the default "
+            "recipe keeps the per-task BN lr whose run scores best on validation (accuracy, then loss). "
+            "`tools/selection_study.py` recomputes the fine-tune leads of the accuracy benchmark under other epoch "
+            "rules, applied to every method alike (the default's BN lr is chosen again under each), and, with "
+            "`--choose`, with a recipe chosen per task and seed on validation, from the checkpoints the runs "
+            "kept (their validation loss is evaluated afresh; no training). A lead <= 0 is the accuracy goal.",
             ""]
     files = result_files(results, "selection", "rules")
     if not files:
