@@ -97,8 +97,7 @@ def backbones_cmd() -> None:
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr-mask", type=float, default=3e-4, show_default=True, help="Adam lr of the mask scores.")
 @click.option("--lr-head", type=float, default=None,
-              help="Adam lr of the head (and per-task BN). Default: 1e-2 for piggyback, 1e-3 for classifier and "
-                   "finetune.")
+              help="Adam lr of the new head. Default: 1e-2 for piggyback, 1e-3 for classifier and finetune.")
 @click.option("--lr-bn", type=LrOrAuto(), default=None,
               help="Adam lr of the per-task BN (piggyback, classifier --train-bn), or auto: train the task at "
                    "BN lr 1e-2 and 3e-3 (same seed; twice the training) and keep the run that scores best on "
