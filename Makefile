@@ -34,7 +34,8 @@ lint: setup
 # 1.5 hours), and the fine-tune baselines at other settings (no augmentation, head lr 1e-2), which the
 # accuracy goal compares with, 12 more runs per backbone (about 2.3 hours); the recipes that
 # docs/TRAINING.md compares over 3 seeds get seeds 1 and 2 (about 3.5 hours), and the fixed BN lrs 1e-2 and
-# 3e-3 run on cifar_resnet56 too (about 2 hours): about 16 hours in all
+# 3e-3 run on cifar_resnet56 too (about 2 hours), and a larger validation split on cifar_resnet20 / GTSRB
+# (about 35 minutes): about 16.5 hours in all
 # (BENCHMARKS.md estimates what is left from the runs that finished). tools/selection_study.py then checks the
 # choices made on the validation split against the kept checkpoints (about 20 minutes, no training).
 # Finished accuracy runs are reused, so an interrupted `make bench` continues where it stopped.
@@ -52,6 +53,8 @@ bench: setup
 		piggyback-bn-head3e-2-bn3e-3 piggyback-bn-lr1e-4-head1e-2
 	$(BIN)/python tools/bench_accuracy.py --quiet --backbones cifar_resnet56 --variants piggyback-bn-head1e-3 \
 		piggyback-bn-head3e-3 piggyback-bn-head1e-2 piggyback-bn-bn3e-3
+	$(BIN)/python tools/bench_accuracy.py --quiet --backbones cifar_resnet20 --datasets gtsrb \
+		--variants piggyback-bn-val20 finetune-val20
 	$(BIN)/python tools/selection_study.py
 	$(BIN)/python tools/write_benchmarks.py
 

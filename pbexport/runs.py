@@ -5,6 +5,8 @@
     RUN_DIR/checkpoints/epoch-NNNN.json          history so far; written last, marks the epoch complete
     RUN_DIR/model.safetensors            task state of the selected (best validation) epoch
     RUN_DIR/metrics.json                 per-epoch and final metrics (written last)
+    RUN_DIR/candidates/lr-bn-LR/         with --lr-bn auto: one run per per-task BN lr; RUN_DIR holds
+                                         the chosen one's model and metrics (and no checkpoints of its own)
 
 Only safetensors and JSON: nothing here is ever unpickled.
 """

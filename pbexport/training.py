@@ -211,7 +211,7 @@ def candidate_dir(out: str | Path, lr_bn: float) -> Path:
 def _train_choosing_bn_lr(cfg: TrainConfig, out: Path, model: TaskModel, backbone, data: TaskData, *,
                           resume: bool, progress: bool) -> dict:
     """Train every BN-lr candidate in out/candidates/ and keep the one whose kept epoch scores best on
-    validation: accuracy, then loss (the saturated validation split often ties on accuracy).
+    validation: accuracy, then loss (the nearly saturated validation split can tie on accuracy).
 
     ``out`` is a run like any other (config.json with ``lr_bn: auto``, the chosen model.safetensors,
     metrics.json with the chosen run's history and every candidate's scores), so eval, pack and export

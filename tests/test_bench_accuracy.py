@@ -49,7 +49,16 @@ def test_a_finished_run_is_reused_only_while_its_settings_match(tmp_path):
     defaults = ba.make_config("cifar_resnet20", "gtsrb", "piggyback-bn", 0, Args).settings()
     recipes = [ba.make_config("cifar_resnet20", "gtsrb", v, 0, Args).settings() for v in ba.FRONTIER]
     assert all({**r, "task": ""} != {**defaults, "task": ""} for r in recipes)
-    assert len(ba.FRONTIER) >= len(ba.FRONTIER_RECIPES) - 1
+    assert len(ba.FRONTIER) == len(ba.FRONTIER_RECIPES)
+    # the default chooses its BN lr; the recipes beside it train one, so their runs outlive a default change
+    assert defaults["lr_bn"] == "auto" and all(isinstance(r["lr_bn"], float) for r in recipes)
+    old = ba.make_config("cifar_resnet20", "gtsrb", "piggyback-bn-head1e-3", 0, Args).to_dict()
+    old.pop("lr_bn")  # a run from before --lr-bn trained BN at its head lr: still this recipe's run
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps({"format": RUN_FORMAT,
+                                                              "format_version": RUN_FORMAT_VERSION, "config": old}))
+    assert ba.run_settings(tmp_path / "old") == \
+        ba.make_config("cifar_resnet20", "gtsrb", "piggyback-bn-head1e-3", 0, Args).settings()
 
 
 def test_earlier_rows_are_read_from_the_run_directories(tmp_path):
