@@ -131,8 +131,23 @@ def predict_logits(model: TaskModel, data: ImageSet, batch_size: int = 256) -> t
 
 def evaluate(model: TaskModel, data: ImageSet, batch_size: int = 256) -> float:
     """Top-1 accuracy as a fraction in [0, 1]."""
+    return _top1(predict_logits(model, data, batch_size), data.labels)
+
+
+def accuracy_and_loss(model: TaskModel, data: ImageSet, batch_size: int = 256) -> tuple[float, float]:
+    """Top-1 accuracy and mean cross-entropy: the two scores --lr-bn auto ranks its candidates by."""
     logits = predict_logits(model, data, batch_size)
-    return float((logits.argmax(1).numpy() == data.labels).mean())
+    return _top1(logits, data.labels), float(F.cross_entropy(logits, torch.as_tensor(data.labels).long()))
+
+
+def _top1(logits: torch.Tensor, labels: np.ndarray) -> float:
+    return float((logits.argmax(1).numpy() == labels).mean())
+
+
+def validation_score(record: dict) -> tuple[float, float]:
+    """How --lr-bn auto ranks its candidates (higher is better): validation accuracy, then loss, since
+    the nearly saturated validation split can tie on accuracy."""
+    return record["val_accuracy"], -record["val_loss"]
 
 
 def _subsample(data: ImageSet, n: int | None, seed: int) -> ImageSet:
@@ -211,7 +226,7 @@ def candidate_dir(out: str | Path, lr_bn: float) -> Path:
 def _train_choosing_bn_lr(cfg: TrainConfig, out: Path, model: TaskModel, backbone, data: TaskData, *,
                           resume: bool, progress: bool) -> dict:
     """Train every BN-lr candidate in out/candidates/ and keep the one whose kept epoch scores best on
-    validation: accuracy, then loss (the nearly saturated validation split can tie on accuracy).
+    validation (validation_score).
 
     ``out`` is a run like any other (config.json with ``lr_bn: auto``, the chosen model.safetensors,
     metrics.json with the chosen run's history and every candidate's scores), so eval, pack and export
@@ -223,19 +238,18 @@ def _train_choosing_bn_lr(cfg: TrainConfig, out: Path, model: TaskModel, backbon
     else:
         run.create(cfg, backbone, data, model.head_name)
     _, val_set = split_for_run(cfg, data)
-    labels = torch.as_tensor(val_set.labels).long()
     tried = []
     for candidate in cfg.bn_candidates():
         where = candidate_dir(out, candidate.lr_bn)
         metrics = train_or_reuse(candidate, where, progress=progress, data=data)
         state = runs.RunDir(where).final_state()
         model.load_task_state(state, str(where / "model.safetensors"))
-        val_loss = float(F.cross_entropy(predict_logits(model, val_set), labels))
+        _, val_loss = accuracy_and_loss(model, val_set)
         tried.append({"lr_bn": candidate.lr_bn, "run": where.relative_to(out).as_posix(), "val_accuracy":
                       metrics["val_accuracy"], "val_loss": val_loss, "test_accuracy": metrics["test_accuracy"],
                       "best_epoch": metrics["best_epoch"], "mask_density": metrics["mask_density"],
                       "train_seconds": train_seconds(metrics), "state": state, "metrics": metrics})
-    chosen = max(tried, key=lambda t: (t["val_accuracy"], -t["val_loss"]))  # the first candidate on a full tie
+    chosen = max(tried, key=validation_score)  # the first candidate on a full tie
     metrics = {**chosen["metrics"], "task": cfg.task, "lr_bn": chosen["lr_bn"],
                "lr_bn_candidates": [{k: v for k, v in t.items() if k not in ("state", "metrics")} for t in tried]}
     run.write_final(chosen["state"], metrics)

@@ -64,7 +64,7 @@ def test_cached_losses_are_reused_and_a_mismatched_checkpoint_is_refused(runs_ro
     def no_evaluation(*a, **kw):
         raise AssertionError("evaluated a run whose losses are cached")
 
-    monkeypatch.setattr(study, "predict_logits", no_evaluation)
+    monkeypatch.setattr(study, "accuracy_and_loss", no_evaluation)
     assert study.main(["--runs", str(runs_root), "--out", str(out), "--seeds", "1"]) == 0
     assert json.loads(out.read_text())["rules"] == first["rules"]
     other = tmp_path / "selection-other.json"  # a second study beside it reuses the losses too

@@ -22,9 +22,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from benchlib import parse_run_dir_name, points_difference
 from pbexport import runs
 from pbexport.backbones import load_backbone
@@ -32,7 +29,7 @@ from pbexport.data import load_data
 from pbexport.fileio import atomic_write_json
 from pbexport.report import format_table
 from pbexport.taskmodel import build_task_model
-from pbexport.training import predict_logits, split_for_run
+from pbexport.training import accuracy_and_loss, split_for_run, validation_score
 
 DEFAULT_RECIPE = "piggyback-bn"
 PBEXPORT_RULE = "best val acc, earliest tie"
@@ -44,10 +41,10 @@ RULES = {PBEXPORT_RULE: lambda rs: max(rs, key=lambda r: (r["val_accuracy"], -r[
          "last epoch": lambda rs: rs[-1]}
 
 
-def epoch_records(run_dir: Path, key: str, cache: dict, loaded: dict) -> list[dict]:
-    """Per epoch: recorded val and test accuracy, and the val loss of that epoch's checkpoint."""
+def epoch_records(run_dir: Path, history: list[dict], key: str, cache: dict, loaded: dict) -> list[dict]:
+    """Per epoch of a run's recorded ``history``: its val and test accuracy, and the val loss of that
+    epoch's checkpoint."""
     run = runs.RunDir(run_dir)
-    history = run.metrics()["epochs"]
     cached = cache.get(key)
     recorded = [(r["val_accuracy"], r["test_accuracy"]) for r in history]
     if cached and [(r["val_accuracy"], r["test_accuracy"]) for r in cached] == recorded:
@@ -63,18 +60,16 @@ def epoch_records(run_dir: Path, key: str, cache: dict, loaded: dict) -> list[di
     if val is None:
         raise SystemExit(f"{run_dir}: trained without a validation split")
     model = build_task_model(backbone, data.num_classes, cfg.method, cfg.train_bn, cfg.seed)
-    labels = torch.as_tensor(val.labels).long()
     records = []
     for rec in history:
         state, _, _ = run.read_checkpoint(run.checkpoint_path(rec["epoch"]))
         model.load_task_state(state)
-        logits = predict_logits(model, val)
-        accuracy = float((logits.argmax(1) == labels).double().mean())
+        accuracy, loss = accuracy_and_loss(model, val)
         if abs(accuracy - rec["val_accuracy"]) > 1e-9:  # the checkpoint must be the epoch training evaluated
             raise SystemExit(f"{run_dir}: epoch {rec['epoch']} evaluates to {accuracy} on validation, "
                              f"the run recorded {rec['val_accuracy']}")
-        records.append({"epoch": rec["epoch"], "val_accuracy": rec["val_accuracy"],
-                        "val_loss": float(F.cross_entropy(logits, labels)), "test_accuracy": rec["test_accuracy"]})
+        records.append({"epoch": rec["epoch"], "val_accuracy": rec["val_accuracy"], "val_loss": loss,
+                        "test_accuracy": rec["test_accuracy"]})
     cache[key] = records
     return records
 
@@ -87,9 +82,10 @@ def run_candidates(root: Path, run_dir: Path, cache: dict, loaded: dict) -> list
     metrics = runs.RunDir(run_dir).metrics()
     tried = metrics.get("lr_bn_candidates")
     if not tried:
-        return [epoch_records(run_dir, run_dir.relative_to(root).as_posix(), cache, loaded)]
-    candidates = [epoch_records(run_dir / t["run"], (run_dir / t["run"]).relative_to(root).as_posix(), cache, loaded)
-                  for t in tried]
+        return [epoch_records(run_dir, metrics["epochs"], run_dir.relative_to(root).as_posix(), cache, loaded)]
+    where = [run_dir / t["run"] for t in tried]
+    candidates = [epoch_records(w, runs.RunDir(w).metrics()["epochs"], w.relative_to(root).as_posix(), cache, loaded)
+                  for w in where]
     rule = RULES[PBEXPORT_RULE]
     kept = kept_by(candidates, rule)
     chosen = next(i for i, records in enumerate(candidates) if rule(records) is kept)
@@ -99,13 +95,9 @@ def run_candidates(root: Path, run_dir: Path, cache: dict, loaded: dict) -> list
     return candidates
 
 
-def _val_score(record: dict) -> tuple:
-    return record["val_accuracy"], -record["val_loss"]
-
-
 def kept_by(candidates: list[list[dict]], rule) -> dict:
     """The record a run keeps under an epoch rule: each candidate's kept epoch, the best on validation."""
-    return max((rule(records) for records in candidates), key=_val_score)  # the first on a full tie, as training
+    return max((rule(records) for records in candidates), key=validation_score)  # the first on a full tie
 
 
 def collect(root: Path, variants: set[str], seeds: int, cache: dict) -> dict:
@@ -145,7 +137,7 @@ def strongest_finetune(by_variant: dict, seeds: int, rule) -> tuple[str, float]:
 def chosen_on_validation(by_variant: dict, candidates: list[str], seed: int, rule) -> tuple[str, dict]:
     """The candidate recipe whose kept epoch scores best on validation (accuracy, then loss)."""
     kept = {v: kept_by(by_variant[v][seed][1], rule) for v in candidates}
-    best = max(candidates, key=lambda v: _val_score(kept[v]))
+    best = max(candidates, key=lambda v: validation_score(kept[v]))
     return best, kept[best]
 
 

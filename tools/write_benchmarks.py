@@ -407,11 +407,10 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
                            [[s["backbone"], s["dataset"], s["variant"], f"{s['seeds']}/{len(seeds)}", s["mean"],
                              s["std"], s["ft_lead"], s["over_classifier"], s["bytes"], s["bits"], s["density"],
                              s["minutes"]] for s in summary]), ""]
-        def chosen_bn_lrs(b, d) -> str:
-            picks = [(s, cells.get((b, d, DEFAULT_RECIPE, s), {}).get("lr_bn")) for s in seeds]
-            return ", ".join(f"seed {s} {bn_lr_text(lr)}" for s, lr in picks if lr is not None)
-
-        chosen = [f"{b} / {d}: {chosen_bn_lrs(b, d)}" for b in backbones for d in datasets if chosen_bn_lrs(b, d)]
+        picks = {(b, d): [(s, cells.get((b, d, DEFAULT_RECIPE, s), {}).get("lr_bn")) for s in seeds]
+                 for b in backbones for d in datasets}
+        chosen = [f"{b} / {d}: " + ", ".join(f"seed {s} {bn_lr_text(lr)}" for s, lr in cell if lr is not None)
+                  for (b, d), cell in picks.items() if any(lr is not None for _, lr in cell)]
         if chosen:
             text += [f"The per-task BN lr `{DEFAULT_RECIPE}` chose on validation: " + "; ".join(chosen)
                      + ". Its minutes per run count both trainings.", ""]
