@@ -30,14 +30,16 @@ lint: setup
 # Training, export, runtime and int8 take about 15 minutes on 2 cores; the accuracy benchmark runs last and
 # takes hours: 2 backbones x 2 datasets x 4 methods x 3 seeds, 10 epochs each (the default piggyback-bn
 # trains each task twice, to choose its BN lr); a cifar_resnet20 run takes 3-6 minutes on 2 cores, a
-# cifar_resnet56 run about 3x that; --frontier adds 16 recipes x 2 datasets on cifar_resnet20 (about
+# cifar_resnet56 run about 3x that; --frontier adds 17 recipes x 2 datasets on cifar_resnet20 (about
 # 1.5 hours), and the fine-tune baselines at other settings (no augmentation, head lr 1e-2), which the
 # accuracy goal compares with, 12 more runs per backbone (about 2.3 hours); the recipes that
 # docs/TRAINING.md compares over 3 seeds get seeds 1 and 2 (about 3.5 hours), and the fixed BN lrs 1e-2 and
-# 3e-3 run on cifar_resnet56 too (about 2 hours), and a larger validation split on cifar_resnet20 / GTSRB
-# (about 35 minutes): about 16.5 hours in all
+# 3e-3 run on cifar_resnet56 too (about 2 hours), and a larger validation split and BN lr 3e-2 on
+# cifar_resnet20 / GTSRB (about 45 minutes): about 16.5 hours in all, and the two studies below about 50 minutes more
 # (BENCHMARKS.md estimates what is left from the runs that finished). tools/selection_study.py then checks the
-# choices made on the validation split against the kept checkpoints (about 20 minutes, no training).
+# choices made on the validation split against the kept checkpoints (about 20 minutes, no training), and
+# tools/posthoc_study.py applies levers after training (precise BN, averaged epochs, a shifted validation
+# split) to the cifar_resnet20 runs (about 30 minutes, no training).
 # Finished accuracy runs are reused, so an interrupted `make bench` continues where it stopped.
 bench: setup
 	$(BIN)/python tools/bench_train.py
@@ -54,8 +56,9 @@ bench: setup
 	$(BIN)/python tools/bench_accuracy.py --quiet --backbones cifar_resnet56 --variants piggyback-bn-head1e-3 \
 		piggyback-bn-head3e-3 piggyback-bn-head1e-2 piggyback-bn-bn3e-3
 	$(BIN)/python tools/bench_accuracy.py --quiet --backbones cifar_resnet20 --datasets gtsrb \
-		--variants piggyback-bn-val20 finetune-val20
+		--variants piggyback-bn-val20 finetune-val20 piggyback-bn-bn3e-2
 	$(BIN)/python tools/selection_study.py
+	$(BIN)/python tools/posthoc_study.py --backbones cifar_resnet20
 	$(BIN)/python tools/write_benchmarks.py
 
 # BENCHMARKS.md (and docs/img/) again from the results already in bench-out/, without measuring anything.

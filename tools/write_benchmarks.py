@@ -801,6 +801,33 @@ def section_selection(results: Path) -> str:
     return "\n".join(text)
 
 
+# ----------------------------------------------------------------------------- after training
+def section_posthoc(results: Path) -> str:
+    """What levers applied after training would do to the fine-tune leads (no goal of its own)."""
+    text = ["## Levers after training",
+            "",
+            "`tools/posthoc_study.py` applies each lever alike to the default's BN-lr candidates and to every "
+            "fine-tune, chooses the default's BN lr again on validation under it, and recomputes the fine-tune "
+            "leads, from the models and checkpoints the accuracy runs kept (no training): BN statistics "
+            "recomputed as a plain average over the training split (with and without the training's shifts), the "
+            "last epochs' states averaged instead of the best epoch kept, and the BN-lr choice made on the "
+            "validation images under a grid of the training's shifts. A lead <= 0 is the accuracy goal.",
+            ""]
+    path = results / "posthoc.json"
+    d = read_json(path) if path.exists() else None
+    if not d or not d.get("levers"):
+        return "\n".join(text + ["Not measured: no `bench-out/posthoc.json`.", ""]) + "\n"
+    rows = [[lever, cell, c["accuracy"], f"{c['finetune']} {c['finetune_accuracy']:.2f}", c["lead"]]
+            for lever, r in d["levers"].items() for cell, c in r["cells"].items()]
+    rows += [[lever, "mean over the cells", None, "", r["mean_lead"]] for lever, r in d["levers"].items()]
+    cmd = f"python tools/posthoc_study.py --seeds {d['seeds']}" + \
+        (f" --backbones {' '.join(d['backbones'])}" if d.get("backbones") else "")
+    text += [f"`{path.name}` ({mtime(path)}):", "",
+             table(["lever", "backbone/dataset", f"{d['recipe']} %", "strongest fine-tune %", "fine-tune lead"], rows),
+             "", code(cmd), ""]
+    return "\n".join(text)
+
+
 # ----------------------------------------------------------------------------- export
 def export_command(path: Path, d: dict) -> str:
     r = d["results"]
@@ -1133,6 +1160,7 @@ def main(argv=None) -> int:
     sections.append(text_acc)
     goals += g_acc
     sections.append(section_selection(args.results))
+    sections.append(section_posthoc(args.results))
 
     v = m["versions"]
     counts = {s: sum(1 for g in goals if g.status == s) for s in ("met", "MISSED", "not measured", "reported")}
