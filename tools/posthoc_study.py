@@ -5,8 +5,8 @@ candidates and to every fine-tune, and the default's BN lr is chosen again on va
 
 - precise BN: the kept model's BN running statistics recomputed over its training split as a plain
   average (training keeps a moving one), once with the training's random shifts and once without;
-- averaging: the mean of the last AVERAGED_EPOCHS (3) epochs' task states (mask scores, BN, head; every weight for
-  fine-tuning), kept instead of the best epoch;
+- averaging: the mean of the last AVERAGED_EPOCHS (3) epochs' task states (mask scores, BN, head;
+  every weight for fine-tuning), kept instead of the best epoch;
 - shifted validation: the BN-lr choice made on the validation images under the training's shifts, a
   grid of every second offset (25 shifts at the default padding), which leaves more errors to tell the
   candidates apart than the plain split. A grid, not random draws: on ResNet-20 / GTSRB seed 0 two sets
@@ -31,20 +31,20 @@ import torch
 
 from benchlib import parse_run_dir_name, points_difference
 from pbexport import masking, runs
-from pbexport.backbones import load_backbone
-from pbexport.data import batches, load_data
+from pbexport.data import batches
 from pbexport.fileio import atomic_write_json
 from pbexport.report import format_table
-from pbexport.taskmodel import build_task_model
-from pbexport.training import accuracy_and_loss, split_for_run, validation_score
+from pbexport.training import accuracy_and_loss, validation_score
+from selection_study import load_run
 
 DEFAULT_RECIPE = "piggyback-bn"
 AVERAGED_EPOCHS = 3
 SHIFT_STEP = 2  # pixels between the offsets of the shifted validation's grid
+AS_TRAINED = "as trained"
 PRECISE_SHIFTED, PRECISE_UNSHIFTED = "precise BN, shifted", "precise BN, unshifted"
 AVERAGED = "average of the last epochs"
 SHIFTED = "BN lr chosen on a grid of shifts"
-LEVERS = ("as trained", PRECISE_SHIFTED, PRECISE_UNSHIFTED, AVERAGED, SHIFTED)
+LEVERS = (AS_TRAINED, PRECISE_SHIFTED, PRECISE_UNSHIFTED, AVERAGED, SHIFTED)
 
 
 def _scores(model, val, test) -> dict:
@@ -88,30 +88,21 @@ def _shifted_validation(model, val) -> dict:
 
 def evaluate_run(run_dir: Path, loaded: dict, levers=LEVERS) -> dict:
     """{lever: {val_accuracy, val_loss, test_accuracy}} for one run (not an lr_bn="auto" outer run), for
-    "as trained" and each of ``levers``."""
+    AS_TRAINED and each of ``levers``."""
     run = runs.RunDir(run_dir)
     cfg, metrics = run.config(), run.metrics()
-    source = (cfg.backbone, cfg.weights, cfg.input_size, cfg.data)
-    if source not in loaded:
-        loaded.clear()  # one (backbone, dataset) in memory at a time
-        backbone = load_backbone(cfg.backbone, cfg.weights, cfg.input_size)
-        loaded[source] = backbone, load_data(cfg.data, backbone.spec.size)
-    backbone, data = loaded[source]
-    train_set, val = split_for_run(cfg, data)
-    if val is None:
-        raise SystemExit(f"{run_dir}: trained without a validation split")
-    model = build_task_model(backbone, data.num_classes, cfg.method, cfg.train_bn, cfg.seed)
+    model, data, train_set, val = load_run(run_dir, loaded)
     kept = run.final_state()
 
     model.load_task_state(kept)
     model.eval()
-    out = {"as trained": _scores(model, val, data.test)}
-    if abs(out["as trained"]["test_accuracy"] - metrics["test_accuracy"]) > 1e-9:
+    out = {AS_TRAINED: _scores(model, val, data.test)}
+    if abs(out[AS_TRAINED]["test_accuracy"] - metrics["test_accuracy"]) > 1e-9:
         raise SystemExit(f"{run_dir}: the kept model scores {out['as trained']['test_accuracy']} on test, "
                          f"the run recorded {metrics['test_accuracy']}")
     if SHIFTED in levers:  # it changes a choice among candidates only: a fine-tune has none
-        shifted = _shifted_validation(model, val) if cfg.method != "finetune" else out["as trained"]
-        out[SHIFTED] = {**shifted, "test_accuracy": out["as trained"]["test_accuracy"]}
+        shifted = _shifted_validation(model, val) if cfg.method != "finetune" else out[AS_TRAINED]
+        out[SHIFTED] = {**shifted, "test_accuracy": out[AS_TRAINED]["test_accuracy"]}
     for lever, augmentation in ((PRECISE_SHIFTED, cfg.augment), (PRECISE_UNSHIFTED, "none")):
         if lever in levers:
             model.load_task_state(kept)
@@ -169,7 +160,7 @@ def collect(root: Path, seeds: int, cache: dict, backbones: list[str] | None = N
         where = [run_dir / t["run"] for t in tried] if tried else [run_dir]
         candidates = [_evaluations(root, w, cache, loaded) for w in where]
         if tried:  # as trained, the choice must be the one the run recorded
-            chosen = max(range(len(tried)), key=lambda i: validation_score(candidates[i]["as trained"]))
+            chosen = max(range(len(tried)), key=lambda i: validation_score(candidates[i][AS_TRAINED]))
             if tried[chosen]["lr_bn"] != metrics["lr_bn"]:
                 raise SystemExit(f"{run_dir}: chose BN lr {metrics['lr_bn']}, its candidates' validation scores "
                                  f"choose {tried[chosen]['lr_bn']}")

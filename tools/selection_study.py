@@ -41,6 +41,23 @@ RULES = {PBEXPORT_RULE: lambda rs: max(rs, key=lambda r: (r["val_accuracy"], -r[
          "last epoch": lambda rs: rs[-1]}
 
 
+def load_run(run_dir: Path, loaded: dict):
+    """(a fresh task model, the task's data, training split, validation split) for run ``run_dir``;
+    ``loaded`` keeps one (backbone, dataset) in memory for the runs that follow."""
+    cfg = runs.RunDir(run_dir).config()
+    source = (cfg.backbone, cfg.weights, cfg.input_size, cfg.data)
+    if source not in loaded:
+        loaded.clear()
+        backbone = load_backbone(cfg.backbone, cfg.weights, cfg.input_size)
+        loaded[source] = backbone, load_data(cfg.data, backbone.spec.size)
+    backbone, data = loaded[source]
+    train_set, val = split_for_run(cfg, data)
+    if val is None:
+        raise SystemExit(f"{run_dir}: trained without a validation split")
+    model = build_task_model(backbone, data.num_classes, cfg.method, cfg.train_bn, cfg.seed)
+    return model, data, train_set, val
+
+
 def epoch_records(run_dir: Path, history: list[dict], key: str, cache: dict, loaded: dict) -> list[dict]:
     """Per epoch of a run's recorded ``history``: its val and test accuracy, and the val loss of that
     epoch's checkpoint."""
@@ -49,17 +66,7 @@ def epoch_records(run_dir: Path, history: list[dict], key: str, cache: dict, loa
     recorded = [(r["val_accuracy"], r["test_accuracy"]) for r in history]
     if cached and [(r["val_accuracy"], r["test_accuracy"]) for r in cached] == recorded:
         return cached
-    cfg = run.config()
-    source = (cfg.backbone, cfg.weights, cfg.input_size, cfg.data)
-    if source not in loaded:
-        loaded.clear()  # one (backbone, dataset) in memory at a time
-        backbone = load_backbone(cfg.backbone, cfg.weights, cfg.input_size)
-        loaded[source] = backbone, load_data(cfg.data, backbone.spec.size)
-    backbone, data = loaded[source]
-    _, val = split_for_run(cfg, data)
-    if val is None:
-        raise SystemExit(f"{run_dir}: trained without a validation split")
-    model = build_task_model(backbone, data.num_classes, cfg.method, cfg.train_bn, cfg.seed)
+    model, data, _, val = load_run(run_dir, loaded)
     records = []
     for rec in history:
         state, _, _ = run.read_checkpoint(run.checkpoint_path(rec["epoch"]))
