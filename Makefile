@@ -38,8 +38,8 @@ lint: setup
 # cifar_resnet20 / GTSRB (about 45 minutes): about 16.5 hours in all, and the two studies below about 50 minutes more
 # (BENCHMARKS.md estimates what is left from the runs that finished). tools/selection_study.py then checks the
 # choices made on the validation split against the kept checkpoints (about 20 minutes, no training), and
-# tools/posthoc_study.py applies levers after training (precise BN, averaged epochs, a shifted validation
-# split) to the cifar_resnet20 runs (about 30 minutes, no training).
+# tools/posthoc_study.py applies levers after training (precise BN, averaged epochs, the BN-lr choice on
+# shifted validation images) to the cifar_resnet20 runs (about 30 minutes, no training).
 # Finished accuracy runs are reused, so an interrupted `make bench` continues where it stopped.
 bench: setup
 	$(BIN)/python tools/bench_train.py

@@ -184,12 +184,17 @@ def to_model_input(images: np.ndarray | torch.Tensor, size: int) -> torch.Tensor
     return x.contiguous()
 
 
+def crop_padding(height: int) -> int:
+    """The zero padding (on each side) of the shifted crop: a shift of up to size/8."""
+    return max(1, height // 8)
+
+
 def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
     """Random shifted crop (zero padding of size/8) and optional horizontal flip, seeded."""
     if mode == "none":
         return x
     n, _, h, w = x.shape
-    pad = max(1, h // 8)
+    pad = crop_padding(h)
     padded = F.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)

@@ -25,17 +25,17 @@ import argparse
 import json
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from benchlib import parse_run_dir_name, points_difference
 from pbexport import masking, runs
-from pbexport.data import batches
+from pbexport.data import batches, crop_padding
 from pbexport.fileio import atomic_write_json
 from pbexport.report import format_table
 from pbexport.training import accuracy_and_loss, validation_score
-from selection_study import load_run
+from selection_study import accuracy_runs, complete_cells, lead_rows, leads, load_run
 
 DEFAULT_RECIPE = "piggyback-bn"
 AVERAGED_EPOCHS = 3
@@ -67,14 +67,14 @@ def _recompute_bn(model, train_set, batch_size: int, augmentation: str) -> None:
 
 
 def _shifted_validation(model, val) -> dict:
-    """Accuracy and mean loss on ``val`` under a grid of the training's shifts (zero padding of size/8,
-    as data.augment), every SHIFT_STEP-th offset in each direction."""
+    """Accuracy and mean loss on ``val`` under a grid of the training's shifts (data.augment's padding),
+    every SHIFT_STEP-th offset in each direction."""
     correct = seen = 0
     loss = 0.0
     with torch.no_grad():
         for x, y in batches(val, 256, model.spec.size):
             h, w = x.shape[-2:]
-            pad = max(1, h // 8)
+            pad = crop_padding(h)
             padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
             y = y.long()
             for dy in range(0, 2 * pad + 1, SHIFT_STEP):
@@ -86,11 +86,11 @@ def _shifted_validation(model, val) -> dict:
     return {"val_accuracy": correct / seen, "val_loss": loss / seen}
 
 
-def evaluate_run(run_dir: Path, loaded: dict, levers=LEVERS) -> dict:
-    """{lever: {val_accuracy, val_loss, test_accuracy}} for one run (not an lr_bn="auto" outer run), for
-    AS_TRAINED and each of ``levers``."""
+def evaluate_run(run_dir: Path, metrics: dict, loaded: dict, levers=LEVERS) -> dict:
+    """{lever: {val_accuracy, val_loss, test_accuracy}} for one run (not an lr_bn="auto" outer run) with
+    recorded ``metrics``, for AS_TRAINED and each of ``levers``."""
     run = runs.RunDir(run_dir)
-    cfg, metrics = run.config(), run.metrics()
+    cfg = run.config()
     model, data, train_set, val = load_run(run_dir, loaded)
     kept = run.final_state()
 
@@ -123,13 +123,14 @@ def _evaluations(root: Path, run_dir: Path, cache: dict, loaded: dict) -> dict:
     """The run's evaluations, from the cache where its recorded result is unchanged; only the levers the
     cache lacks are evaluated."""
     key = run_dir.relative_to(root).as_posix()
-    recorded = runs.RunDir(run_dir).metrics()["test_accuracy"]
+    metrics = runs.RunDir(run_dir).metrics()
+    recorded = metrics["test_accuracy"]
     if key not in cache or cache[key]["recorded_test_accuracy"] != recorded:
         cache[key] = {"recorded_test_accuracy": recorded, "levers": {}}
     done = {k: v for k, v in cache[key]["levers"].items() if k in LEVERS}
     missing = [lever for lever in LEVERS if lever not in done]
     if missing:
-        done.update(evaluate_run(run_dir, loaded, missing))
+        done.update(evaluate_run(run_dir, metrics, loaded, missing))
         print(f"evaluated {key}: {', '.join(missing)}", file=sys.stderr, flush=True)
     cache[key]["levers"] = done
     return done
@@ -145,17 +146,9 @@ def collect(root: Path, seeds: int, cache: dict, backbones: list[str] | None = N
     fine-tune, in the cells where the default and a fine-tune have every seed."""
     found: dict = {}
     loaded: dict = {}
-    for run_dir in sorted(root.glob("*/*/*")):
-        parsed = parse_run_dir_name(run_dir.name)
-        if parsed is None or not (run_dir / "metrics.json").exists():
-            continue
+    for run_dir, variant, seed, method, metrics in accuracy_runs(root, seeds, {DEFAULT_RECIPE}):
         if backbones and run_dir.parts[-3] not in backbones:
             continue
-        variant, seed = parsed
-        method = runs.RunDir(run_dir).config().method
-        if seed >= seeds or not (variant == DEFAULT_RECIPE or method == "finetune"):
-            continue
-        metrics = runs.RunDir(run_dir).metrics()
         tried = metrics.get("lr_bn_candidates")
         where = [run_dir / t["run"] for t in tried] if tried else [run_dir]
         candidates = [_evaluations(root, w, cache, loaded) for w in where]
@@ -166,13 +159,7 @@ def collect(root: Path, seeds: int, cache: dict, backbones: list[str] | None = N
                                  f"choose {tried[chosen]['lr_bn']}")
         cell = found.setdefault((run_dir.parts[-3], run_dir.parts[-2]), {})
         cell.setdefault(variant, {})[seed] = (method, candidates)
-    return {cell: by_variant for cell, by_variant in found.items()
-            if len(by_variant.get(DEFAULT_RECIPE, {})) == seeds
-            and any(_complete_finetune(r, seeds) for r in by_variant.values())}
-
-
-def _complete_finetune(by_seed: dict, seeds: int) -> bool:
-    return len(by_seed) == seeds and all(method == "finetune" for method, _ in by_seed.values())
+    return complete_cells(found, {DEFAULT_RECIPE}, seeds)
 
 
 def mean_accuracy(by_seed: dict, lever: str) -> float:
@@ -200,18 +187,8 @@ def main(argv=None) -> int:
     rows = []
     result = {"recipe": DEFAULT_RECIPE, "seeds": args.seeds, "backbones": args.backbones, "levers": {}}
     for lever in LEVERS:
-        by_cell = {}
-        for (backbone, dataset), by_variant in sorted(cells.items()):
-            ours = mean_accuracy(by_variant[DEFAULT_RECIPE], lever)
-            ft_name, ft = max(((v, mean_accuracy(r, lever)) for v, r in by_variant.items()
-                               if _complete_finetune(r, args.seeds)), key=lambda t: t[1])
-            lead = points_difference(round(ft, 4), round(ours, 4))
-            by_cell[f"{backbone}/{dataset}"] = {"accuracy": ours, "finetune": ft_name, "finetune_accuracy": ft,
-                                                "lead": lead}
-            rows.append([lever, backbone, dataset, ours, f"{ft_name} {ft:.2f}", lead])
-        mean_lead = round(statistics.mean(c["lead"] for c in by_cell.values()), 4)
-        result["levers"][lever] = {"cells": by_cell, "mean_lead": mean_lead}
-        rows.append([lever, "mean lead", "", None, "", mean_lead])
+        result["levers"][lever] = leads(cells, args.seeds, partial(mean_accuracy, lever=lever))
+        rows += lead_rows(lever, result["levers"][lever])
     print(format_table(["lever", "backbone", "dataset", f"{DEFAULT_RECIPE} %", "strongest fine-tune %",
                         "fine-tune lead"], rows, ".2f"))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 from benchlib import parse_run_dir_name, points_difference
@@ -81,12 +82,12 @@ def epoch_records(run_dir: Path, history: list[dict], key: str, cache: dict, loa
     return records
 
 
-def run_candidates(root: Path, run_dir: Path, cache: dict, loaded: dict) -> list[list[dict]]:
-    """The epoch records of every run a run chose among: its BN-lr candidates (lr_bn auto), else itself.
+def run_candidates(root: Path, run_dir: Path, metrics: dict, cache: dict, loaded: dict) -> list[list[dict]]:
+    """The epoch records of every run a run (with ``metrics``) chose among: its BN-lr candidates (lr_bn
+    auto), else itself.
 
     The choice is checked: under pbexport's rule it must be the BN lr the run recorded.
     """
-    metrics = runs.RunDir(run_dir).metrics()
     tried = metrics.get("lr_bn_candidates")
     if not tried:
         return [epoch_records(run_dir, metrics["epochs"], run_dir.relative_to(root).as_posix(), cache, loaded)]
@@ -107,27 +108,40 @@ def kept_by(candidates: list[list[dict]], rule) -> dict:
     return max((rule(records) for records in candidates), key=validation_score)  # the first on a full tie
 
 
-def collect(root: Path, variants: set[str], seeds: int, cache: dict) -> dict:
-    """{(backbone, dataset): {variant: {seed: (method, candidates)}}} for the cells where every variant has
-    every seed."""
-    found: dict = {}
-    loaded: dict = {}
+def accuracy_runs(root: Path, seeds: int, variants: set[str]):
+    """(run_dir, variant, seed, method, metrics) of every finished accuracy run under ``root`` with a seed
+    below ``seeds`` whose recipe is one of ``variants`` or a fine-tune."""
     for run_dir in sorted(root.glob("*/*/*")):
         parsed = parse_run_dir_name(run_dir.name)
         if parsed is None or not (run_dir / "metrics.json").exists():
             continue
         variant, seed = parsed
-        method = runs.RunDir(run_dir).config().method
-        if seed >= seeds or not (variant in variants or method == "finetune"):
-            continue
-        cell = found.setdefault((run_dir.parts[-3], run_dir.parts[-2]), {})
-        cell.setdefault(variant, {})[seed] = (method, run_candidates(root, run_dir, cache, loaded))
+        run = runs.RunDir(run_dir)
+        method = run.config().method
+        if seed < seeds and (variant in variants or method == "finetune"):
+            yield run_dir, variant, seed, method, run.metrics()
+
+
+def complete_cells(found: dict, variants: set[str], seeds: int) -> dict:
+    """The cells of ``found`` ({cell: {variant: {seed: (method, ...)}}}) where every variant and a fine-tune
+    have every seed."""
     return {cell: by_variant for cell, by_variant in found.items()
             if all(len(by_variant.get(v, {})) == seeds for v in variants)
-            and any(_is_complete_finetune(r, seeds) for r in by_variant.values())}
+            and any(is_complete_finetune(r, seeds) for r in by_variant.values())}
 
 
-def _is_complete_finetune(records_by_seed: dict, seeds: int) -> bool:
+def collect(root: Path, variants: set[str], seeds: int, cache: dict) -> dict:
+    """{(backbone, dataset): {variant: {seed: (method, candidates)}}} for the cells where every variant has
+    every seed."""
+    found: dict = {}
+    loaded: dict = {}
+    for run_dir, variant, seed, method, metrics in accuracy_runs(root, seeds, variants):
+        cell = found.setdefault((run_dir.parts[-3], run_dir.parts[-2]), {})
+        cell.setdefault(variant, {})[seed] = (method, run_candidates(root, run_dir, metrics, cache, loaded))
+    return complete_cells(found, variants, seeds)
+
+
+def is_complete_finetune(records_by_seed: dict, seeds: int) -> bool:
     return len(records_by_seed) == seeds and all(method == "finetune" for method, _ in records_by_seed.values())
 
 
@@ -136,9 +150,29 @@ def mean_accuracy(records_by_seed: dict, rule) -> float:
                                  for _, candidates in records_by_seed.values())
 
 
-def strongest_finetune(by_variant: dict, seeds: int, rule) -> tuple[str, float]:
-    complete = {v: r for v, r in by_variant.items() if _is_complete_finetune(r, seeds)}
-    return max(((v, mean_accuracy(r, rule)) for v, r in complete.items()), key=lambda t: t[1])
+def strongest_finetune(by_variant: dict, seeds: int, mean_under) -> tuple[str, float]:
+    """(variant, mean test %) of the fine-tune that scores highest by ``mean_under(records_by_seed)``."""
+    complete = {v: r for v, r in by_variant.items() if is_complete_finetune(r, seeds)}
+    return max(((v, mean_under(r)) for v, r in complete.items()), key=lambda t: t[1])
+
+
+def leads(cells: dict, seeds: int, mean_under) -> dict:
+    """The default's mean test accuracy, the strongest fine-tune's and the fine-tune lead per cell, both
+    scored by ``mean_under(records_by_seed)``, and the mean lead over the cells."""
+    by_cell = {}
+    for (backbone, dataset), by_variant in sorted(cells.items()):
+        ours = mean_under(by_variant[DEFAULT_RECIPE])
+        ft_name, ft = strongest_finetune(by_variant, seeds, mean_under)
+        by_cell[f"{backbone}/{dataset}"] = {"accuracy": ours, "finetune": ft_name, "finetune_accuracy": ft,
+                                            "lead": points_difference(round(ft, 4), round(ours, 4))}
+    return {"cells": by_cell, "mean_lead": round(statistics.mean(c["lead"] for c in by_cell.values()), 4)}
+
+
+def lead_rows(label: str, result: dict) -> list[list]:
+    """Table rows for ``leads``' result: one per cell, then the mean lead."""
+    rows = [[label, *cell.split("/"), c["accuracy"], f"{c['finetune']} {c['finetune_accuracy']:.2f}", c["lead"]]
+            for cell, c in result["cells"].items()]
+    return rows + [[label, "mean lead", "", None, "", result["mean_lead"]]]
 
 
 def chosen_on_validation(by_variant: dict, candidates: list[str], seed: int, rule) -> tuple[str, dict]:
@@ -171,17 +205,8 @@ def main(argv=None) -> int:
     rows = []
     result = {"recipe": DEFAULT_RECIPE, "seeds": args.seeds, "choose": candidates, "rules": {}, "choice": {}}
     for name, rule in RULES.items():
-        by_cell = {}
-        for (backbone, dataset), by_variant in sorted(cells.items()):
-            ft_name, ft = strongest_finetune(by_variant, args.seeds, rule)
-            ours = mean_accuracy(by_variant[DEFAULT_RECIPE], rule)
-            lead = points_difference(round(ft, 4), round(ours, 4))
-            by_cell[f"{backbone}/{dataset}"] = {"accuracy": ours, "finetune": ft_name, "finetune_accuracy": ft,
-                                                "lead": lead}
-            rows.append([name, backbone, dataset, ours, f"{ft_name} {ft:.2f}", lead])
-        mean_lead = round(statistics.mean(c["lead"] for c in by_cell.values()), 4)
-        result["rules"][name] = {"cells": by_cell, "mean_lead": mean_lead}
-        rows.append([name, "mean lead", "", None, "", mean_lead])
+        result["rules"][name] = leads(cells, args.seeds, partial(mean_accuracy, rule=rule))
+        rows += lead_rows(name, result["rules"][name])
     print(format_table(["epoch kept", "backbone", "dataset", f"{DEFAULT_RECIPE} %", "strongest fine-tune %",
                         "fine-tune lead"], rows, ".2f"))
 
@@ -191,7 +216,7 @@ def main(argv=None) -> int:
         for (backbone, dataset), by_variant in sorted(cells.items()):
             picks = [chosen_on_validation(by_variant, candidates, s, rule) for s in range(args.seeds)]
             ours = 100 * statistics.mean(kept["test_accuracy"] for _, kept in picks)
-            _, ft = strongest_finetune(by_variant, args.seeds, rule)
+            _, ft = strongest_finetune(by_variant, args.seeds, partial(mean_accuracy, rule=rule))
             lead = points_difference(round(ft, 4), round(ours, 4))
             result["choice"][f"{backbone}/{dataset}"] = {"chosen": [v for v, _ in picks], "accuracy": ours,
                                                          "finetune_accuracy": ft, "lead": lead}
