@@ -110,6 +110,10 @@ def backbones_cmd() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="Share of train held out to pick the best epoch (never the test split).")
+@click.option("--val-split", type=click.Choice(["random", "contiguous"]), default="random", show_default=True,
+              help="Which images of each class validation holds out: random ones, or one run of consecutive "
+                   "images in file order (near-duplicates stored together, such as video frames or GTSRB's "
+                   "tracks, then stay on one side of the split).")
 @click.option("--augment", type=click.Choice(["none", "crop", "crop+flip"]), default="crop", show_default=True,
               help="Training-time augmentation. crop: random shifts by up to 1/8 of the size; crop+flip: also "
                    "horizontal flips.")

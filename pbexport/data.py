@@ -19,6 +19,9 @@ from .errors import PbexportError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".gif", ".tif", ".tiff", ".webp"}
 AUGMENTATIONS = ("none", "crop", "crop+flip")
+# How the validation split picks each class's images: at random, or as one run of consecutive images
+# (file order), so that near-duplicates stored together (video frames, GTSRB's tracks) stay on one side.
+VAL_SPLITS = ("random", "contiguous")
 
 
 @dataclass
@@ -154,18 +157,27 @@ def _check(data: TaskData) -> None:
         raise PbexportError("a classification task needs at least 2 classes", data.source)
 
 
-def split_validation(train: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet | None]:
-    """Hold out ``fraction`` of train (stratified, seeded) for picking the best epoch."""
+def split_validation(train: ImageSet, fraction: float, seed: int,
+                     how: str = "random") -> tuple[ImageSet, ImageSet | None]:
+    """Hold out ``fraction`` of each class of train (seeded; ``how`` in VAL_SPLITS) for picking the best
+    epoch."""
     if not 0.0 <= fraction < 1.0:
         raise PbexportError(f"--val-fraction must be in [0, 1), got {fraction}")
+    if how not in VAL_SPLITS:
+        raise PbexportError(f"unknown validation split {how!r}; choose from {', '.join(VAL_SPLITS)}")
     if fraction == 0.0:
         return train, None
     rng = np.random.default_rng(seed)
     val_idx = []
     for c in np.unique(train.labels):
         idx = np.flatnonzero(train.labels == c)
-        rng.shuffle(idx)
-        val_idx.append(idx[: int(round(len(idx) * fraction))])
+        count = int(round(len(idx) * fraction))
+        if how == "contiguous":
+            start = rng.integers(0, len(idx) - count + 1)
+            val_idx.append(idx[start:start + count])
+        else:
+            rng.shuffle(idx)
+            val_idx.append(idx[:count])
     val = np.sort(np.concatenate(val_idx))
     keep = np.setdiff1d(np.arange(len(train)), val)
     if len(val) == 0 or len(keep) == 0:

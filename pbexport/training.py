@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import masking, runs
 from .backbones import load_backbone
-from .data import AUGMENTATIONS, ImageSet, TaskData, batches, load_data, split_validation
+from .data import AUGMENTATIONS, VAL_SPLITS, ImageSet, TaskData, batches, load_data, split_validation
 from .errors import PbexportError
 from .taskmodel import METHODS, TaskModel, build_task_model
 
@@ -63,6 +63,7 @@ class TrainConfig:
     train_bn: bool | None = None  # None: on for piggyback, off for classifier (finetune trains all)
     seed: int = 0
     val_fraction: float = 0.1
+    val_split: str = "random"  # a run from before --val-split had the random one
     augment: str = "crop"
     input_size: int | None = None
     max_train_samples: int | None = None
@@ -72,6 +73,8 @@ class TrainConfig:
             raise PbexportError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.augment not in AUGMENTATIONS:
             raise PbexportError(f"unknown augmentation {self.augment!r}; choose from {', '.join(AUGMENTATIONS)}")
+        if self.val_split not in VAL_SPLITS:
+            raise PbexportError(f"unknown validation split {self.val_split!r}; choose from {', '.join(VAL_SPLITS)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise PbexportError("--epochs and --batch-size must be at least 1")
         if self.mask_decay < 0:
@@ -159,7 +162,8 @@ def _subsample(data: ImageSet, n: int | None, seed: int) -> ImageSet:
 
 def split_for_run(cfg: TrainConfig, data: TaskData) -> tuple[ImageSet, ImageSet | None]:
     """The training and validation images a run of ``cfg`` uses (validation picks the epoch it keeps)."""
-    return split_validation(_subsample(data.train, cfg.max_train_samples, cfg.seed), cfg.val_fraction, cfg.seed)
+    return split_validation(_subsample(data.train, cfg.max_train_samples, cfg.seed), cfg.val_fraction, cfg.seed,
+                            cfg.val_split)
 
 
 def make_optimizer(model: TaskModel, cfg: TrainConfig) -> torch.optim.Adam:

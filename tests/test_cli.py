@@ -24,9 +24,10 @@ def assert_one_line_error(result, fragment):
 def test_train_then_eval_json(tmp_path, tiny_npz):
     out = tmp_path / "run"
     r = pbexport("train", "--backbone", "cifar_resnet20", "--data", tiny_npz, "--task", "tiny", "--out", out,
-                 "--epochs", "1", "--batch-size", "16", "--quiet")
+                 "--epochs", "1", "--batch-size", "16", "--val-split", "contiguous", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "tiny (piggyback): test accuracy" in r.stdout
+    assert json.loads((out / "config.json").read_text())["config"]["val_split"] == "contiguous"
     kept = [line for line in r.stdout.splitlines() if line.startswith("  BN lr")]  # chosen on validation
     assert len(kept) == 2 and sum(line.endswith("<- kept") for line in kept) == 1
     r = pbexport("eval", out, "--data", tiny_npz, "--json")
@@ -51,6 +52,12 @@ def test_unknown_backbone(train_args):
 def test_unknown_method(train_args):
     assert_one_line_error(pbexport(*train_args, "--backbone", "cifar_resnet20", "--method", "lora"),
                           "'lora' is not one of 'piggyback', 'classifier', 'finetune'")
+
+
+def test_unknown_validation_split(train_args, tmp_path):
+    assert_one_line_error(pbexport(*train_args, "--backbone", "cifar_resnet20", "--val-split", "blocks"),
+                          "'blocks' is not one of 'random', 'contiguous'")
+    assert not (tmp_path / "run").exists()
 
 
 def test_bn_lr_is_a_number_or_auto(train_args, tmp_path):

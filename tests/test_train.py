@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from pbexport import PbexportError
 from pbexport.backbones import load_backbone
+from pbexport.data import ImageSet, split_validation
 from pbexport.runs import load_run
 from pbexport.taskmodel import build_task_model
 from pbexport.training import TrainConfig, evaluate, make_optimizer, train, train_or_reuse
@@ -280,3 +281,30 @@ def test_an_interrupted_auto_run_continues_without_redoing_a_finished_candidate(
     fresh = train(cfg, tmp_path / "fresh", progress=False)
     assert {k: v for k, v in metrics.items() if k != "epochs" and k != "lr_bn_candidates"} == \
         {k: v for k, v in fresh.items() if k != "epochs" and k != "lr_bn_candidates"}
+
+
+def test_validation_split_random_or_contiguous():
+    labels = np.repeat([0, 1], [40, 20])
+    train_set = ImageSet(np.arange(60, dtype=np.uint8).reshape(60, 1, 1, 1), labels)
+    for how in ("random", "contiguous"):
+        keep, val = split_validation(train_set, 0.25, seed=3, how=how)
+        assert np.bincount(val.labels).tolist() == [10, 5]  # stratified: a quarter of each class
+        assert sorted(keep.images.ravel().tolist() + val.images.ravel().tolist()) == list(range(60))
+        again = split_validation(train_set, 0.25, seed=3, how=how)[1]
+        assert np.array_equal(again.images, val.images)  # seeded
+    # contiguous: each class holds out one run of consecutive images, at a seeded offset
+    runs = [split_validation(train_set, 0.25, seed=s, how="contiguous")[1].images.ravel() for s in range(6)]
+    for ids in runs:
+        for part in (ids[ids < 40], ids[ids >= 40]):
+            assert np.array_equal(np.diff(part.astype(int)), np.ones(len(part) - 1))
+    assert len({r.tobytes() for r in runs}) > 1
+    random_ids = split_validation(train_set, 0.25, seed=3)[1].images.ravel().astype(int)
+    assert not np.array_equal(np.diff(random_ids[random_ids < 40]), np.ones(9))
+    with pytest.raises(PbexportError, match="unknown validation split 'blocks'; choose from random, contiguous"):
+        split_validation(train_set, 0.25, seed=3, how="blocks")
+    with pytest.raises(PbexportError, match="unknown validation split 'blocks'"):
+        TrainConfig(backbone="cifar_resnet20", data="synthetic:x", task="t", val_split="blocks")
+    # a config stored before --val-split existed had the random split, and reads back so
+    old = {k: v for k, v in TrainConfig(backbone="cifar_resnet20", data="synthetic:x", task="t").to_dict().items()
+           if k != "val_split"}
+    assert TrainConfig.from_dict(old).val_split == "random"

@@ -30,6 +30,7 @@ def test_no_results_means_every_goal_is_not_measured(tmp_path):
     assert goals and all(status == "not measured" for _, status in goals.values()), goals
     assert "cores (`nproc`)" in text and "onnxruntime" in text
     assert "Not measured: no `bench-out/selection*.json`" in text
+    assert "Not measured: no `bench-out/splits.json`" in text
     for area in ("training", "storage", "export", "runtime", "int8", "accuracy"):
         assert any(area in g for g in text.split("## Goals", 1)[1].split("\n## ", 1)[0].splitlines())
 
@@ -216,3 +217,17 @@ def test_the_default_reports_the_bn_lr_it_chose_and_the_time_of_both_trainings(t
     assert "The per-task BN lr `piggyback-bn` chose on validation: cifar_resnet20 / gtsrb: seed 0 0.003." in text
     row = next(line for line in text.splitlines() if line.startswith("| cifar_resnet20 | gtsrb | piggyback-bn |"))
     assert row.endswith("| 5.00 |"), row  # minutes per run: both trainings' wall time
+
+
+def test_validation_splits_section_reads_the_split_study(tmp_path):
+    res = tmp_path / "bench-out"
+    res.mkdir()
+    shares = {"random": {"validation": [0.375, 0.345], "test": [0.076, 0.081]},
+              "contiguous": {"validation": [0.078, 0.079], "test": [0.08, 0.08]}}
+    (res / "splits.json").write_text(json.dumps({"val_fraction": 0.1, "seeds": 2, "threshold": 0.95, "thumbnail": 16,
+                                                 "datasets": {"gtsrb": shares}}))
+    text, _ = write(tmp_path, res)
+    section = text.split("## Validation splits", 1)[1].split("\n## ", 1)[0]
+    assert "| gtsrb | random | validation | 36.0 | 37.5 34.5 |" in section
+    assert "| gtsrb | contiguous | test | 8.0 | 8.0 8.0 |" in section
+    assert "python tools/split_study.py --val-fraction 0.1 --seeds 2 --threshold 0.95" in section

@@ -73,7 +73,11 @@ FRONTIER = {f"piggyback-bn-{name}": {"method": "piggyback", "lr_bn": overrides.g
 # The default and fine-tuning with a validation split twice as large (a fifth of train, so fewer training
 # images): can a larger split tell the BN-lr candidates apart where 1,200 images could not (docs/TRAINING.md)?
 VALIDATION_SPLIT = {"piggyback-bn-val20": {"method": "piggyback", "val_fraction": 0.2},
-                    "finetune-val20": {"method": "finetune", "val_fraction": 0.2}}
+                    "finetune-val20": {"method": "finetune", "val_fraction": 0.2},
+                    # a contiguous split: GTSRB's train images come in tracks of near-identical frames stored
+                    # together, so a random split holds near-copies of training images (docs/TRAINING.md)
+                    "piggyback-bn-contig": {"method": "piggyback", "val_split": "contiguous"},
+                    "finetune-contig": {"method": "finetune", "val_split": "contiguous"}}
 ALL_VARIANTS = {**VARIANTS, **EXTRA_FINETUNE, **FRONTIER, **VALIDATION_SPLIT}
 FINETUNE_VARIANTS = tuple(v for v, settings in ALL_VARIANTS.items() if settings["method"] == "finetune")
 

@@ -35,3 +35,13 @@ def resident_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+SPLIT_HEADERS = ["dataset", "split", "images", "with a near copy in training %", "per seed %"]
+
+
+def split_rows(datasets: dict) -> list[list]:
+    """tools/split_study.py's table (its "datasets" result): one row per dataset, split and image set, in %."""
+    return [[dataset, split, images, 100 * sum(shares) / len(shares), " ".join(f"{100 * x:.1f}" for x in shares)]
+            for dataset, by_split in datasets.items() for split, by_images in by_split.items()
+            for images, shares in by_images.items()]

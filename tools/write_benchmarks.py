@@ -45,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-from benchlib import parse_run_dir_name, points_difference  # noqa: E402  (tools/, torch-free)
+from benchlib import SPLIT_HEADERS, parse_run_dir_name, points_difference, split_rows  # noqa: E402  (tools/, torch-free)
 
 # the grid `make bench` runs with tools/bench_accuracy.py's defaults
 ACC_BACKBONES = ["cifar_resnet20", "cifar_resnet56"]
@@ -801,6 +801,28 @@ def section_selection(results: Path) -> str:
     return "\n".join(text)
 
 
+# ----------------------------------------------------------------------------- validation splits
+def section_splits(results: Path) -> str:
+    """How many validation images have a near copy among the training images, per split (no goal of its own)."""
+    text = ["## Validation splits",
+            "",
+            "The validation split picks each run's epoch and the default's per-task BN lr, standing in for test. "
+            "`tools/split_study.py` counts the validation images, and the test images, with a near copy (same "
+            "class, cosine similarity of 16x16 thumbnails above the threshold) among the images the run trains on, "
+            "for each `--val-split`: a split stands in for test where its share matches test's. No training.",
+            ""]
+    path = results / "splits.json"
+    d = read_json(path) if path.exists() else None
+    if not d or not d.get("datasets"):
+        return "\n".join(text + ["Not measured: no `bench-out/splits.json`.", ""]) + "\n"
+    cmd = (f"python tools/split_study.py --val-fraction {d['val_fraction']} --seeds {d['seeds']} "
+           f"--threshold {d['threshold']}")
+    text += [f"`{path.name}` ({mtime(path)}), validation fraction {d['val_fraction']}, threshold {d['threshold']}:", "",
+             table(SPLIT_HEADERS, split_rows(d["datasets"]), ".1f"),
+             "", code(cmd), ""]
+    return "\n".join(text)
+
+
 # ----------------------------------------------------------------------------- after training
 def section_posthoc(results: Path) -> str:
     """What levers applied after training would do to the fine-tune leads (no goal of its own)."""
@@ -1159,6 +1181,7 @@ def main(argv=None) -> int:
     goals += g
     sections.append(text_acc)
     goals += g_acc
+    sections.append(section_splits(args.results))
     sections.append(section_selection(args.results))
     sections.append(section_posthoc(args.results))
 
