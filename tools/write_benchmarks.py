@@ -461,7 +461,7 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
                      f"{b2} / {d2}" for b2 in backbones for d2 in datasets
                      if (b2, d2) != (b, d) and accs(b2, d2, v) and best_finetune(b2, d2)[1]]
         return (f"; the closest recipe tried here: {v}, fine-tune lead {gap:+.2f} ({len(a)} seed(s))"
-                + (f", but {', '.join(elsewhere)}" if elsewhere else ""))
+                + (f", elsewhere {', '.join(elsewhere)}" if elsewhere else ""))
 
     # goals
     goals = []
@@ -681,7 +681,9 @@ def _recipe(run: str | None) -> str:
     bn_lr = config.get("lr_bn") or config.get("lr_head")  # configs without lr_bn trained BN at the head lr
     bn = f", BN lr {bn_lr_text(bn_lr)}" if bn_lr != config.get("lr_head") else ""
     return (f"mask lr {config.get('lr_mask'):g}, mask decay {config.get('mask_decay', 0.0):g}, "
-            f"augment {config.get('augment')}, head lr {config.get('lr_head'):g}{bn}, {config.get('epochs')} epochs")
+            f"augment {config.get('augment')}, head lr {config.get('lr_head'):g}{bn}, {config.get('epochs')} epochs, "
+            # configs without val_split had the random split
+            f"validation {config.get('val_fraction'):g} {config.get('val_split', 'random')}")
 
 
 def _frontier_note(here: list[dict], ft: dict, fine_tunes: set[str]) -> str:
@@ -712,9 +714,10 @@ def section_frontier(results: Path, cells: dict, img_dir: Path, out_dir: Path) -
     text = ["## Accuracy against storage (the frontier)",
             "",
             "`piggyback-bn` is the default recipe; the `piggyback-bn-*` rows are the same recipe with another mask "
-            "learning rate, mask decay, head or BN learning rate, augmentation or epoch count (`--lr-mask`, "
-            "`--mask-decay`, `--lr-head`, `--lr-bn`, `--augment`, `--epochs`; the settings column says which), "
-            "trained by `tools/bench_accuracy.py --frontier`. Stored bits per masked parameter are what the "
+            "learning rate, mask decay, head or BN learning rate, augmentation, epoch count or validation split "
+            "(`--lr-mask`, `--mask-decay`, `--lr-head`, `--lr-bn`, `--augment`, `--epochs`, `--val-fraction`, "
+            "`--val-split`; the settings column says which), trained by `tools/bench_accuracy.py --frontier` and "
+            "`--variants`. Stored bits per masked parameter are what the "
             f"bundle's mask codec wrote. Goal: fine-tune accuracy at <= {FRONTIER_BITS} stored bits per parameter "
             "per task.",
             ""]
