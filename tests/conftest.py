@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,14 @@ def import_tool(name: str):
         return importlib.import_module(name)
     finally:
         sys.path.remove(str(REPO / "tools"))
+
+
+def flip_recorded_bn_lr(run: Path) -> None:
+    """Make an ``lr_bn="auto"`` run record the BN lr it did not choose: a study must refuse it."""
+    path = run / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["lr_bn"] = 3e-3 if metrics["lr_bn"] == 1e-2 else 1e-2
+    path.write_text(json.dumps(metrics))
 
 
 def make_arrays(n_train: int = 48, n_test: int = 24, classes: int = 3, size: int = 32, channels: int = 3,

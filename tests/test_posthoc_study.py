@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import import_tool
+from conftest import flip_recorded_bn_lr, import_tool
 
 from pbexport import masking
 from pbexport.backbones import load_backbone
@@ -93,10 +93,7 @@ def test_a_tampered_choice_and_a_damaged_result_are_refused(runs_root, tmp_path)
     study = import_tool("posthoc_study")
     copy = tmp_path / "runs"
     shutil.copytree(runs_root, copy)
-    metrics_path = copy / CELL / "piggyback-bn-s0" / "metrics.json"
-    metrics = json.loads(metrics_path.read_text())
-    metrics["lr_bn"] = 3e-3 if metrics["lr_bn"] == 1e-2 else 1e-2
-    metrics_path.write_text(json.dumps(metrics))
+    flip_recorded_bn_lr(copy / CELL / "piggyback-bn-s0")
     with pytest.raises(SystemExit, match="piggyback-bn-s0: chose BN lr"):
         study.main(["--runs", str(copy), "--out", str(tmp_path / "posthoc.json"), "--seeds", "1"])
     damaged = tmp_path / "damaged.json"

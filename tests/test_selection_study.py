@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from conftest import import_tool
+from conftest import flip_recorded_bn_lr, import_tool
 
 from pbexport.training import TrainConfig, train
 
@@ -85,9 +85,7 @@ def test_cached_losses_are_reused_and_a_mismatched_checkpoint_is_refused(runs_ro
     # a run whose recorded BN lr is not the one its candidates' validation scores choose
     shutil.copy(runs_root / "cifar_resnet20" / "tiny" / "piggyback-bn-s0" / "candidates" / "lr-bn-0.01" /
                 "metrics.json", metrics_path)
-    metrics = json.loads((run / "metrics.json").read_text())
-    metrics["lr_bn"] = 3e-3 if metrics["lr_bn"] == 1e-2 else 1e-2
-    (run / "metrics.json").write_text(json.dumps(metrics))
+    flip_recorded_bn_lr(run)
     with pytest.raises(SystemExit, match="piggyback-bn-s0: chose BN lr"):
         study.main(["--runs", str(copy), "--out", str(tmp_path / "fresh.json"), "--seeds", "1"])
 

@@ -107,11 +107,22 @@ def read_json(path: Path):
         return None
 
 
+def read_result(path: Path, key: str) -> dict | None:
+    """The result in ``path`` if it parses and holds ``key``; None otherwise (missing file included)."""
+    d = read_json(path)
+    return d if d and d.get(key) else None
+
+
 def result_files(results: Path, stem: str, key: str) -> list[tuple[Path, dict]]:
     """STEM.json first, then the other STEM*.json variants; only those that parse and hold ``key``."""
     others = sorted(q for q in results.glob(f"{stem}*.json") if q.name != f"{stem}.json")
-    files = [(p, read_json(p)) for p in [results / f"{stem}.json", *others]]
-    return [(p, d) for p, d in files if d and d.get(key)]
+    files = [(p, read_result(p, key)) for p in [results / f"{stem}.json", *others]]
+    return [(p, d) for p, d in files if d]
+
+
+def not_measured(text: list[str], missing: str) -> str:
+    """A study section whose result file is missing: its introduction, then what is missing."""
+    return "\n".join(text + [f"Not measured: no `bench-out/{missing}`.", ""]) + "\n"
 
 
 def mtime(path: Path) -> str:
@@ -779,7 +790,7 @@ def section_selection(results: Path) -> str:
             ""]
     files = result_files(results, "selection", "rules")
     if not files:
-        return "\n".join(text + ["Not measured: no `bench-out/selection*.json`.", ""]) + "\n"
+        return not_measured(text, "selection*.json")
     for path, d in files:
         choose = d.get("choose") or []
         cmd = f"python tools/selection_study.py --seeds {d['seeds']}" + \
@@ -815,9 +826,9 @@ def section_splits(results: Path) -> str:
             "for each `--val-split`: a split stands in for test where its share matches test's. No training.",
             ""]
     path = results / "splits.json"
-    d = read_json(path) if path.exists() else None
-    if not d or not d.get("datasets"):
-        return "\n".join(text + ["Not measured: no `bench-out/splits.json`.", ""]) + "\n"
+    d = read_result(path, "datasets")
+    if d is None:
+        return not_measured(text, path.name)
     cmd = (f"python tools/split_study.py --val-fraction {d['val_fraction']} --seeds {d['seeds']} "
            f"--threshold {d['threshold']}")
     text += [f"`{path.name}` ({mtime(path)}), validation fraction {d['val_fraction']}, threshold {d['threshold']}:", "",
@@ -839,9 +850,9 @@ def section_posthoc(results: Path) -> str:
             "validation images under a grid of the training's shifts. A lead <= 0 is the accuracy goal.",
             ""]
     path = results / "posthoc.json"
-    d = read_json(path) if path.exists() else None
-    if not d or not d.get("levers"):
-        return "\n".join(text + ["Not measured: no `bench-out/posthoc.json`.", ""]) + "\n"
+    d = read_result(path, "levers")
+    if d is None:
+        return not_measured(text, path.name)
     rows = [[lever, cell, c["accuracy"], f"{c['finetune']} {c['finetune_accuracy']:.2f}", c["lead"]]
             for lever, r in d["levers"].items() for cell, c in r["cells"].items()]
     rows += [[lever, "mean over the cells", None, "", r["mean_lead"]] for lever, r in d["levers"].items()]
