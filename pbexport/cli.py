@@ -114,6 +114,9 @@ def backbones_cmd() -> None:
               help="Which images of each class validation holds out: random ones, or one run of consecutive "
                    "images in file order (near-duplicates stored together, such as video frames or GTSRB's "
                    "tracks, then stay on one side of the split).")
+@click.option("--average-epochs", type=int, default=None, metavar="N",
+              help="Keep the mean of the last N epochs' task states (mask scores, head, BN; every weight for "
+                   "finetune) instead of the epoch that scores best on validation.")
 @click.option("--augment", type=click.Choice(["none", "crop", "crop+flip"]), default="crop", show_default=True,
               help="Training-time augmentation. crop: random shifts by up to 1/8 of the size; crop+flip: also "
                    "horizontal flips.")
@@ -132,9 +135,9 @@ def train_cmd(out, resume, quiet, **options) -> None:
         chosen = " <- kept" if t["lr_bn"] == metrics["lr_bn"] else ""
         click.echo(f"  BN lr {t['lr_bn']:g}: validation accuracy {t['val_accuracy']:.4f}, "
                    f"loss {t['val_loss']:.4f}{chosen}")
-    density = metrics["mask_density"]
-    click.echo(f"{cfg.task} ({cfg.method}): test accuracy {metrics['test_accuracy']:.4f} "
-               f"(best epoch {metrics['best_epoch']}"
+    density, averaged = metrics["mask_density"], metrics.get("averaged_epochs")
+    kept = f"mean of epochs {averaged[0]}-{averaged[-1]}" if averaged else f"best epoch {metrics['best_epoch']}"
+    click.echo(f"{cfg.task} ({cfg.method}): test accuracy {metrics['test_accuracy']:.4f} ({kept}"
                + (f", mask density {density:.3f}" if density is not None else "") + f") -> {out}")
 
 

@@ -64,6 +64,7 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.1
     val_split: str = "random"  # a run from before --val-split had the random one
+    average_epochs: int | None = None  # keep the mean of the last N epochs' task states; None: the best epoch
     augment: str = "crop"
     input_size: int | None = None
     max_train_samples: int | None = None
@@ -79,6 +80,9 @@ class TrainConfig:
             raise PbexportError("--epochs and --batch-size must be at least 1")
         if self.mask_decay < 0:
             raise PbexportError("--mask-decay must be at least 0")
+        if self.average_epochs is not None and not 1 <= self.average_epochs <= self.epochs:
+            raise PbexportError(f"--average-epochs must be between 1 and --epochs ({self.epochs}), "
+                                f"got {self.average_epochs}")
         if self.train_bn is None:
             self.train_bn = self.method == "piggyback"
         if self.lr_head is None:
@@ -207,19 +211,38 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     for epoch in range(start_epoch, cfg.epochs + 1):
         record = _train_epoch(model, optimizer, train_set, cfg, epoch, steps_per_epoch, total_steps,
                               progress)
-        record["val_accuracy"] = evaluate(model, val_set) if val_set is not None else None
-        record["test_accuracy"] = evaluate(model, data.test)
-        record["mask_density"] = masking.mask_density(model.net) if cfg.method == "piggyback" else None
+        record.update(_scores(model, val_set, data.test, cfg))
         history.append(record)
         run.write_checkpoint(epoch, model.task_state(), optimizer.state_dict(), history)
 
-    best = _best_epoch(history)
-    if best != history[-1]["epoch"]:
-        state, _, _ = run.read_checkpoint(run.checkpoint_path(best))
-        model.load_task_state(state)
-    metrics = _final_metrics(history, best, cfg)
+    if cfg.average_epochs:
+        last = [r["epoch"] for r in history][-cfg.average_epochs:]
+        model.load_task_state(average_states([run.read_checkpoint(run.checkpoint_path(e))[0] for e in last]))
+        metrics = _final_metrics(history, None, cfg)
+        metrics.update(_scores(model, val_set, data.test, cfg), averaged_epochs=last)
+    else:
+        best = _best_epoch(history)
+        if best != history[-1]["epoch"]:
+            state, _, _ = run.read_checkpoint(run.checkpoint_path(best))
+            model.load_task_state(state)
+        metrics = _final_metrics(history, best, cfg)
     run.write_final(model.task_state(), metrics)
     return metrics
+
+
+def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of task states (mask scores, head, BN affine and statistics; every weight for
+    finetune), in float64 so that the order does not matter; integer tensors (BN's batch count) from the
+    last state. Mask scores are averaged before binarizing: a weight is kept where its mean score is."""
+    return {k: torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v
+            for k, v in states[-1].items()}
+
+
+def _scores(model: TaskModel, val_set: ImageSet | None, test: ImageSet, cfg: TrainConfig) -> dict:
+    """The kept model's scores, as an epoch's record has them."""
+    return {"val_accuracy": evaluate(model, val_set) if val_set is not None else None,
+            "test_accuracy": evaluate(model, test),
+            "mask_density": masking.mask_density(model.net) if cfg.method == "piggyback" else None}
 
 
 def candidate_dir(out: str | Path, lr_bn: float) -> Path:
@@ -351,8 +374,9 @@ def _best_epoch(history: list[dict]) -> int:
     return max(history, key=lambda r: (r["val_accuracy"], -r["epoch"]))["epoch"]
 
 
-def _final_metrics(history: list[dict], best: int, cfg: TrainConfig) -> dict:
-    chosen = next(r for r in history if r["epoch"] == best)
+def _final_metrics(history: list[dict], best: int | None, cfg: TrainConfig) -> dict:
+    """The run's metrics with the scores of epoch ``best`` (None: an average of epochs, scored by the caller)."""
+    chosen = next((r for r in history if r["epoch"] == best), {})
     return {"task": cfg.task, "method": cfg.method, "train_bn": cfg.train_bn, "best_epoch": best,
-            "val_accuracy": chosen["val_accuracy"], "test_accuracy": chosen["test_accuracy"],
-            "mask_density": chosen["mask_density"], "epochs": history}
+            "val_accuracy": chosen.get("val_accuracy"), "test_accuracy": chosen.get("test_accuracy"),
+            "mask_density": chosen.get("mask_density"), "epochs": history}

@@ -60,6 +60,21 @@ def test_unknown_validation_split(train_args, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_train_averaging_epochs(tmp_path, tiny_npz):
+    out = tmp_path / "run"
+    r = pbexport("train", "--backbone", "cifar_resnet20", "--data", tiny_npz, "--task", "tiny", "--out", out,
+                 "--epochs", "2", "--batch-size", "16", "--lr-bn", "1e-2", "--average-epochs", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "(mean of epochs 1-2, mask density" in r.stdout
+    assert json.loads((out / "config.json").read_text())["config"]["average_epochs"] == 2
+
+
+def test_average_epochs_out_of_range(train_args, tmp_path):
+    assert_one_line_error(pbexport(*train_args, "--backbone", "cifar_resnet20", "--average-epochs", "3"),
+                          "--average-epochs must be between 1 and --epochs (1), got 3")
+    assert not (tmp_path / "run").exists()
+
+
 def test_bn_lr_is_a_number_or_auto(train_args, tmp_path):
     assert_one_line_error(pbexport(*train_args, "--backbone", "cifar_resnet20", "--lr-bn", "fast"),
                           "'fast' is neither a number nor 'auto'")

@@ -22,10 +22,13 @@ def runs_root(tiny_npz, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     # the default (BN lr chosen among two candidates) and fine-tuning
     for name, settings in {"piggyback-bn": {}, "finetune": {"method": "finetune"}}.items():
-        cfg = TrainConfig(backbone="cifar_resnet20", data=str(tiny_npz), task=name, epochs=3, batch_size=8,
-                          max_train_samples=32, val_fraction=0.25, input_size=32, **settings)
-        train(cfg, root / CELL / f"{name}-s0", progress=False)
+        train(_config(tiny_npz, name, **settings), root / CELL / f"{name}-s0", progress=False)
     return root
+
+
+def _config(tiny_npz, task, **settings):
+    return TrainConfig(backbone="cifar_resnet20", data=str(tiny_npz), task=task, epochs=3, batch_size=8,
+                       max_train_samples=32, val_fraction=0.25, input_size=32, **settings)
 
 
 def _metrics(root, name):
@@ -69,6 +72,19 @@ def test_levers_as_trained_and_averaged_reproduce_the_recorded_epochs(runs_root,
     monkeypatch.setattr(study, "evaluate_run", no_evaluation)
     assert study.main(["--runs", str(runs_root), "--out", str(out), "--seeds", "1"]) == 0
     assert json.loads(out.read_text())["levers"] == result["levers"]
+
+
+def test_the_averaged_lever_is_what_average_epochs_trains(runs_root, tmp_path, tiny_npz):
+    study = import_tool("posthoc_study")
+    out = tmp_path / "posthoc.json"
+    assert study.main(["--runs", str(runs_root), "--out", str(out), "--seeds", "1"]) == 0
+    cache = json.loads(out.read_text())["cache"]
+    for run, task, settings in (("piggyback-bn-s0/candidates/lr-bn-0.01", "piggyback-bn", {"lr_bn": 1e-2}),
+                                ("finetune-s0", "finetune", {"method": "finetune"})):
+        trained = train(_config(tiny_npz, task, average_epochs=study.AVERAGED_EPOCHS, **settings),
+                        tmp_path / task, progress=False)
+        lever = cache[f"{CELL}/{run}"]["levers"]["average of the last epochs"]
+        assert (lever["val_accuracy"], lever["test_accuracy"]) == (trained["val_accuracy"], trained["test_accuracy"])
 
 
 def test_precise_bn_is_the_plain_average_over_the_training_split(tiny_npz):

@@ -13,8 +13,10 @@ from pbexport.training import TrainConfig, train
 @pytest.fixture(scope="module")
 def runs_root(tiny_npz, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    # the default (BN lr chosen among two candidates), one fixed BN lr, and fine-tuning
-    recipes = {"piggyback-bn": {}, "piggyback-bn-bn3e-3": {"lr_bn": 3e-3}, "finetune": {"method": "finetune"}}
+    # the default (BN lr chosen among two candidates), one fixed BN lr, and fine-tuning (keeping its best
+    # epoch, and averaging its last two, which the studies leave out)
+    recipes = {"piggyback-bn": {}, "piggyback-bn-bn3e-3": {"lr_bn": 3e-3}, "finetune": {"method": "finetune"},
+               "finetune-avg2": {"method": "finetune", "average_epochs": 2}}
     for name, settings in recipes.items():
         cfg = TrainConfig(backbone="cifar_resnet20", data=str(tiny_npz), task=name, epochs=3, batch_size=8,
                           max_train_samples=32, val_fraction=0.25, input_size=32, **settings)
@@ -53,6 +55,11 @@ def test_the_rules_reproduce_the_kept_epoch_and_the_last(runs_root, tmp_path, ca
     text = import_tool("write_benchmarks").section_selection(tmp_path)
     assert f"| cifar_resnet20/tiny | {chosen} |" in text
     assert "selection_study.py --seeds 1 --choose piggyback-bn piggyback-bn-bn3e-3" in text
+
+
+def test_runs_that_average_epochs_are_left_out(runs_root):
+    found = import_tool("selection_study").accuracy_runs(runs_root, 1, {"piggyback-bn"})
+    assert sorted(variant for _, variant, *_ in found) == ["finetune", "piggyback-bn"]
 
 
 def test_cached_losses_are_reused_and_a_mismatched_checkpoint_is_refused(runs_root, tmp_path, monkeypatch):

@@ -308,3 +308,60 @@ def test_validation_split_random_or_contiguous():
     old = {k: v for k, v in TrainConfig(backbone="cifar_resnet20", data="synthetic:x", task="t").to_dict().items()
            if k != "val_split"}
     assert TrainConfig.from_dict(old).val_split == "random"
+
+
+def _without_timings(history):
+    return [{k: v for k, v in e.items() if k not in ("seconds", "images_per_second")} for e in history]
+
+
+@pytest.mark.parametrize("method", ["piggyback", "finetune"])
+def test_average_epochs_keeps_the_mean_of_the_last_epochs(tmp_path, tiny_npz, method):
+    cfg = _cfg(tiny_npz, epochs=3, max_train_samples=None, method=method)
+    best = train(cfg, tmp_path / "best", progress=False)
+    averaged = train(_cfg(tiny_npz, epochs=3, max_train_samples=None, method=method, average_epochs=2),
+                     tmp_path / "avg", progress=False)
+    # the same training; only what is kept differs
+    assert _without_timings(averaged["epochs"]) == _without_timings(best["epochs"])
+    assert averaged["averaged_epochs"] == [2, 3] and averaged["best_epoch"] is None
+    ckpts = [{k.removeprefix("model."): v for k, v in load_file(str(tmp_path / "avg" / "checkpoints" /
+                                                                     f"epoch-000{e}.safetensors")).items()
+              if k.startswith("model.")} for e in (2, 3)]
+    kept = load_file(str(tmp_path / "avg" / "model.safetensors"))
+    assert kept.keys() == ckpts[1].keys()
+    for k, v in kept.items():
+        a, b = ckpts[0][k], ckpts[1][k]
+        expected = ((a.double() + b.double()) / 2).to(v.dtype) if v.is_floating_point() else b
+        assert torch.equal(v, expected), k
+    assert any(not torch.equal(ckpts[0][k], ckpts[1][k]) for k in kept)  # a real average, not a copy
+    # the metrics score the kept (averaged) model
+    run = load_run(tmp_path / "avg")
+    data = __import__("pbexport.data", fromlist=["load_data"]).load_data(str(tiny_npz))
+    assert evaluate(run.model, data.test) == averaged["test_accuracy"]
+    if method == "piggyback":
+        from pbexport import masking
+        assert averaged["mask_density"] == masking.mask_density(run.model.net)
+    # N = 1 keeps the last epoch
+    last = train(_cfg(tiny_npz, epochs=3, max_train_samples=None, method=method, average_epochs=1),
+                 tmp_path / "last", progress=False)
+    assert last["test_accuracy"] == best["epochs"][-1]["test_accuracy"]
+
+
+def test_average_epochs_applies_to_each_bn_lr_candidate(tmp_path, tiny_npz):
+    cfg = _cfg(tiny_npz, epochs=2, max_train_samples=None, lr_bn="auto", average_epochs=2)
+    metrics = train(cfg, tmp_path / "run", progress=False)
+    for t in metrics["lr_bn_candidates"]:
+        candidate = json.loads((tmp_path / "run" / t["run"] / "metrics.json").read_text())
+        assert candidate["averaged_epochs"] == [1, 2] and candidate["test_accuracy"] == t["test_accuracy"]
+    assert metrics["averaged_epochs"] == [1, 2]
+
+
+def test_average_epochs_bounds_and_old_configs():
+    def cfg(**kw):
+        return TrainConfig(backbone="cifar_resnet20", data="synthetic:x", task="t", epochs=4, **kw)
+    for bad in (0, 5, -1):
+        with pytest.raises(PbexportError, match=f"--average-epochs must be between 1 and --epochs \\(4\\), got {bad}"):
+            cfg(average_epochs=bad)
+    assert cfg(average_epochs=4).average_epochs == 4
+    # a config stored before --average-epochs existed kept the best epoch, and reads back so (not stale)
+    old = {k: v for k, v in cfg().to_dict().items() if k != "average_epochs"}
+    assert TrainConfig.from_dict(old).settings() == cfg().settings()

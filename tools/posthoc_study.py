@@ -6,7 +6,7 @@ candidates and to every fine-tune, and the default's BN lr is chosen again on va
 - precise BN: the kept model's BN running statistics recomputed over its training split as a plain
   average (training keeps a moving one), once with the training's random shifts and once without;
 - averaging: the mean of the last AVERAGED_EPOCHS (3) epochs' task states (mask scores, BN, head;
-  every weight for fine-tuning), kept instead of the best epoch;
+  every weight for fine-tuning), kept instead of the best epoch (what `--average-epochs 3` trains);
 - shifted validation: the BN-lr choice made on the validation images under the training's shifts, a
   grid of every second offset (25 shifts at the default padding), which leaves more errors to tell the
   candidates apart than the plain split. A grid, not random draws: on ResNet-20 / GTSRB seed 0 two sets
@@ -34,7 +34,7 @@ from pbexport import masking, runs
 from pbexport.data import batches, crop_padding
 from pbexport.fileio import atomic_write_json
 from pbexport.report import format_table
-from pbexport.training import accuracy_and_loss, validation_score
+from pbexport.training import accuracy_and_loss, average_states, validation_score
 from selection_study import accuracy_runs, complete_cells, lead_rows, leads, load_run
 
 DEFAULT_RECIPE = "piggyback-bn"
@@ -111,9 +111,7 @@ def evaluate_run(run_dir: Path, metrics: dict, loaded: dict, levers=LEVERS) -> d
     if AVERAGED in levers:
         last = [r["epoch"] for r in metrics["epochs"]][-AVERAGED_EPOCHS:]
         states = [run.read_checkpoint(run.checkpoint_path(epoch))[0] for epoch in last]
-        averaged = {k: torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype)
-                    if v.is_floating_point() else v for k, v in states[-1].items()}
-        model.load_task_state(averaged)
+        model.load_task_state(average_states(states))
         model.eval()
         out[AVERAGED] = _scores(model, val, data.test)
     return out

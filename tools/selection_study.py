@@ -110,16 +110,17 @@ def kept_by(candidates: list[list[dict]], rule) -> dict:
 
 def accuracy_runs(root: Path, seeds: int, variants: set[str]):
     """(run_dir, variant, seed, method, metrics) of every finished accuracy run under ``root`` with a seed
-    below ``seeds`` whose recipe is one of ``variants`` or a fine-tune."""
+    below ``seeds`` whose recipe is one of ``variants`` or a fine-tune. Runs that keep an average of epochs
+    (--average-epochs) are left out: they choose no epoch, and the levers studied here apply to a kept one."""
     for run_dir in sorted(root.glob("*/*/*")):
         parsed = parse_run_dir_name(run_dir.name)
         if parsed is None or not (run_dir / "metrics.json").exists():
             continue
         variant, seed = parsed
         run = runs.RunDir(run_dir)
-        method = run.config().method
-        if seed < seeds and (variant in variants or method == "finetune"):
-            yield run_dir, variant, seed, method, run.metrics()
+        cfg = run.config()
+        if seed < seeds and (variant in variants or cfg.method == "finetune") and not cfg.average_epochs:
+            yield run_dir, variant, seed, cfg.method, run.metrics()
 
 
 def complete_cells(found: dict, variants: set[str], seeds: int) -> dict:
