@@ -164,7 +164,7 @@ def test_a_missed_accuracy_goal_names_the_closest_recipe_and_what_it_costs_elsew
     mnist = "piggyback-bn vs fine-tune, cifar_resnet20 on mnist: strongest fine-tune's lead (mean over seeds)"
     assert goals[mnist][1] == "met"
     assert ("the closest recipe tried here: piggyback-bn-bn3e-3, fine-tune lead -0.10 (1 seed(s)), "
-            "elsewhere +0.30 on cifar_resnet20 / mnist") in text
+            "elsewhere +0.30 on cifar_resnet20 / mnist (1 seed(s))") in text
 
 
 def test_run_directory_names_round_trip_and_nothing_else_parses():

@@ -471,7 +471,7 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
         gap = lead(statistics.mean(ft), statistics.mean(a))
         # what the recipe does where else it was run: why it is not the default
         elsewhere = [f"{lead(statistics.mean(best_finetune(b2, d2)[1]), statistics.mean(accs(b2, d2, v))):+.2f} on "
-                     f"{b2} / {d2}" for b2 in backbones for d2 in datasets
+                     f"{b2} / {d2} ({len(accs(b2, d2, v))} seed(s))" for b2 in backbones for d2 in datasets
                      if (b2, d2) != (b, d) and accs(b2, d2, v) and best_finetune(b2, d2)[1]]
         return (f"; the closest recipe tried here: {v}, fine-tune lead {gap:+.2f} ({len(a)} seed(s))"
                 + (f", elsewhere {', '.join(elsewhere)}" if elsewhere else ""))
