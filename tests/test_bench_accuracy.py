@@ -22,6 +22,18 @@ def test_piggyback_clearly_beats_classifier_only_on_real_data(resnet20_weights, 
     assert (tmp_path / "accuracy.png").stat().st_size > 0
 
 
+def test_recipes_beside_the_grid_run_alone(resnet20_weights, tiny_npz, tmp_path):
+    """A fine-tune recipe on its own: nothing to pack, no grid method to chart, still a result."""
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "bench_accuracy.py"), "--quiet", "--backbones",
+                        "cifar_resnet20", "--datasets", str(tiny_npz), "--variants", "finetune-contig", "--seeds", "0",
+                        "--epochs", "1", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads((tmp_path / "accuracy.json").read_text())
+    assert [(s["variant"], s["seeds"]) for s in result["summary"]] == [("finetune-contig", 1)]
+    assert result["rows"][0]["bytes_per_task"] > 0 and result["base_task"] == {}
+    assert not (tmp_path / "accuracy.png").exists() and not (tmp_path / "bundles" / "cifar_resnet20").exists()
+
+
 def test_a_finished_run_is_reused_only_while_its_settings_match(tmp_path):
     ba = import_tool("bench_accuracy")
 

@@ -150,9 +150,10 @@ def base_task_check(backbone: str, bundle_dir: Path) -> dict:
     return results
 
 
-def storage(bundle_dir: Path, rows: list[dict]) -> None:
-    """Bytes each task adds: its task file in the bundle (masks, head, BN) or the whole net (finetune)."""
-    info = load_bundle(bundle_dir).info()
+def storage(bundle_dir: Path | None, rows: list[dict]) -> None:
+    """Bytes each task adds: its task file in the bundle (masks, head, BN) or the whole net (finetune);
+    ``bundle_dir`` is None where every row is a fine-tune."""
+    info = load_bundle(bundle_dir).info() if bundle_dir is not None else None
     for r in rows:
         if r["variant"] in FINETUNE_VARIANTS:
             net = load_backbone(r["backbone"], r["run"]).model
@@ -292,9 +293,10 @@ def main() -> int:
         bundle_dir = args.out / "bundles" / backbone
         packable = [r for r in rows if r["backbone"] == backbone and r["variant"] not in FINETUNE_VARIANTS]
         shutil.rmtree(bundle_dir, ignore_errors=True)
-        pack_runs([r["run"] for r in packable], bundle_dir, name=None)
-        storage(bundle_dir, [r for r in rows if r["backbone"] == backbone])
-        if backbone in WEIGHTS:
+        if packable:  # fine-tunes alone add no task to the backbone
+            pack_runs([r["run"] for r in packable], bundle_dir, name=None)
+        storage(bundle_dir if packable else None, [r for r in rows if r["backbone"] == backbone])
+        if backbone in WEIGHTS and packable:
             base[backbone] = base_task_check(backbone, bundle_dir)
     summary = summarize(rows)
     table = format_table(
@@ -311,7 +313,9 @@ def main() -> int:
     seeds = sorted({r["seed"] for r in rows})
     (args.out / "accuracy.json").write_text(json.dumps({"rows": rows, "summary": summary, "base_task": base,
                                                         "epochs": args.epochs, "seeds": seeds}, indent=2))
-    plot([s for s in summary if s["variant"] in VARIANTS], args.out / "accuracy.png")
+    grid = [s for s in summary if s["variant"] in VARIANTS]
+    if grid:  # the chart shows the grid's methods; recipes beside it are run alone on request
+        plot(grid, args.out / "accuracy.png")
     if any(s["variant"] in FRONTIER for s in summary):
         plot_frontier(summary, args.out / "frontier.png")
     (args.out / "accuracy.md").write_text(table + "\n")
