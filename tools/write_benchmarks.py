@@ -402,8 +402,8 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
             "`classifier` trains the head only; "
             "`finetune` trains every weight; all of them with the default augmentation (random shifted crops), "
             "`finetune-none` without (`--augment none`), `finetune-head1e-2` with piggyback's head lr (fine-tuning's "
-            "default is 1e-3); a recipe ending in `-contig` holds out a contiguous validation split "
-            "(`--val-split contiguous`), in `-avg3` it keeps the mean of its last 3 epochs (`--average-epochs 3`). "
+            "default is 1e-3); a recipe named with `-contig` holds out a contiguous validation split "
+            "(`--val-split contiguous`), one with `-avg3` keeps the mean of its last 3 epochs (`--average-epochs 3`). "
             "\"fine-tune lead\" = the strongest fine-tune's mean minus "
             "this method's mean (the goal "
             "wants it <= 0 for piggyback-bn); \"over classifier\" = this mean minus classifier-only's.",
