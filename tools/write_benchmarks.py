@@ -696,7 +696,8 @@ def _recipe(run: str | None) -> str:
     return (f"mask lr {config.get('lr_mask'):g}, mask decay {config.get('mask_decay', 0.0):g}, "
             f"augment {config.get('augment')}, head lr {config.get('lr_head'):g}{bn}, {config.get('epochs')} epochs, "
             # configs without val_split had the random split
-            f"validation {config.get('val_fraction'):g} {config.get('val_split', 'random')}")
+            f"validation {config.get('val_fraction'):g} {config.get('val_split', 'random')}"
+            + (f", mean of the last {config['average_epochs']} epochs" if config.get("average_epochs") else ""))
 
 
 def _frontier_note(here: list[dict], ft: dict, fine_tunes: set[str]) -> str:
