@@ -43,8 +43,12 @@ lint: setup
 # choices made on the validation split against the kept checkpoints (about 20 minutes, no training), and
 # tools/posthoc_study.py applies levers after training (precise BN, averaged epochs, the BN-lr choice on
 # shifted validation images) to the cifar_resnet20 runs (about 30 minutes, no training).
-# Finished accuracy runs are reused, so an interrupted `make bench` continues where it stopped.
+# Finished accuracy runs are reused, so an interrupted `make bench` continues where it stopped. bench-out/ is
+# git-ignored (weights, checkpoints); tools/bench_record.py keeps its light results in bench-record/ (tracked):
+# `restore` first brings back what an earlier checkout measured (its runs are reused without their weights),
+# `save` last records this run's (commit bench-record/ after it).
 bench: setup
+	$(BIN)/python tools/bench_record.py restore
 	$(BIN)/python tools/bench_train.py
 	$(BIN)/python tools/bench_export.py
 	$(BIN)/python tools/bench_export.py --clock cpu --threads 1 --repeats 40 --out bench-out/export-cpu1.json
@@ -67,9 +71,11 @@ bench: setup
 	$(BIN)/python tools/selection_study.py
 	$(BIN)/python tools/posthoc_study.py --backbones cifar_resnet20
 	$(BIN)/python tools/write_benchmarks.py
+	$(BIN)/python tools/bench_record.py save
 
-# BENCHMARKS.md (and docs/img/) again from the results already in bench-out/, without measuring anything.
+# BENCHMARKS.md (and docs/img/) again from the results already in bench-out/ and bench-record/, measuring nothing.
 bench-report: setup
+	$(BIN)/python tools/bench_record.py restore
 	$(BIN)/python tools/write_benchmarks.py
 
 clean:

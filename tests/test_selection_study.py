@@ -102,3 +102,25 @@ def test_cached_losses_are_reused_and_a_mismatched_checkpoint_is_refused(runs_ro
     with pytest.raises(SystemExit, match="selection-damaged.json: not a selection study result"):
         study.main(["--runs", str(runs_root), "--out", str(out), "--seeds", "1"])
     assert damaged.read_text() == "{not json" and json.loads(out.read_text())["rules"] == first["rules"]
+
+
+def test_restored_runs_are_read_from_the_cache_or_left_out_by_name(runs_root, tmp_path, capsys):
+    """Runs restored from bench-record/ have no checkpoints: the cache serves them, else they are left out."""
+    study, record = import_tool("selection_study"), import_tool("bench_record")
+    results = tmp_path / "bench-out"
+    shutil.copytree(runs_root, results / "accuracy" / "runs")
+    out = results / "selection.json"
+    assert study.main(["--runs", str(results / "accuracy" / "runs"), "--out", str(out), "--seeds", "1"]) == 0
+    record.save(results, tmp_path / "bench-record")
+    restored = tmp_path / "restored"
+    record.restore(tmp_path / "bench-record", restored)
+    assert not list(restored.rglob("checkpoints"))
+    again = restored / "selection.json"
+    assert study.main(["--runs", str(restored / "accuracy" / "runs"), "--out", str(again), "--seeds", "1"]) == 0
+    assert json.loads(again.read_text())["rules"] == json.loads(out.read_text())["rules"]
+
+    again.unlink()  # no cache: the default's runs cannot be evaluated, so no cell is complete
+    capsys.readouterr()
+    assert study.main(["--runs", str(restored / "accuracy" / "runs"), "--out", str(again), "--seeds", "1"]) == 2
+    assert "piggyback-bn-s0/candidates/lr-bn-0.01: no checkpoints (restored from bench-record/) and not in the " \
+           "cache: left out" in capsys.readouterr().err

@@ -10,7 +10,9 @@ after all tasks were added: its logits must be bitwise identical.
                                                                  # not beat classifier-only by --margin
     python tools/bench_accuracy.py --datasets my_task.npz --backbones cifar_resnet56
 
-Runs are kept under --out/runs and reused when complete, so an interrupted benchmark continues.
+Runs are kept under --out/runs and reused when complete, so an interrupted benchmark continues. A run restored
+from bench-record/ (tools/bench_record.py) is reused without its weights: it is not packed, and its bytes per
+task and stored bits are the ones measured when it had them (bench-storage.json beside the run).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pbexport import runs
 from pbexport.backbones import load_backbone
 from pbexport.bundle import load_bundle, pack_runs
 from pbexport.data import ImageSet
+from pbexport.fileio import atomic_write_json
 from pbexport.report import format_table
 from pbexport.taskmodel import TaskModel
 from pbexport.training import TrainConfig, evaluate, predict_logits, run_settings, train_or_reuse, train_seconds
@@ -150,11 +153,27 @@ def base_task_check(backbone: str, bundle_dir: Path) -> dict:
     return results
 
 
+STORAGE_RECORD = "bench-storage.json"  # beside a run: its storage figures, for when its weights are gone
+
+
+def has_weights(run: str | Path) -> bool:
+    """A run restored from bench-record/ (tools/bench_record.py) has its config and metrics, not its weights."""
+    return (Path(run) / "model.safetensors").is_file()
+
+
 def storage(bundle_dir: Path | None, rows: list[dict]) -> None:
     """Bytes each task adds: its task file in the bundle (masks, head, BN) or the whole net (finetune);
-    ``bundle_dir`` is None where every row is a fine-tune."""
+    ``bundle_dir`` is None where no row was packed. Each measured row's figures are written beside its run;
+    a run without weights gets the figures recorded there when it had them."""
     info = load_bundle(bundle_dir).info() if bundle_dir is not None else None
     for r in rows:
+        record = Path(r["run"]) / STORAGE_RECORD
+        if not has_weights(r["run"]):
+            if not record.is_file():
+                raise SystemExit(f"error: {r['run']}: no weights and no {STORAGE_RECORD}: its bytes per task "
+                                 "cannot be measured; delete the run to train it again")
+            r.update(json.loads(record.read_text()))
+            continue
         if r["variant"] in FINETUNE_VARIANTS:
             net = load_backbone(r["backbone"], r["run"]).model
             r["bytes_per_task"] = sum(t.numel() * t.element_size() for t in net.state_dict().values())
@@ -163,6 +182,15 @@ def storage(bundle_dir: Path | None, rows: list[dict]) -> None:
             task = info["tasks"][task_name(r["dataset"], r["variant"], r["seed"])]
             r["bytes_per_task"] = task["size"]
             r["stored_bits_per_param"] = task["stored_bits_per_param"] if r["variant"] != "classifier" else None
+        atomic_write_json(record, {k: r[k] for k in ("bytes_per_task", "stored_bits_per_param")})
+
+
+def recorded_base_checks(path: Path) -> dict:
+    """The base-task checks of the last accuracy.json, {} where there is none to read."""
+    try:
+        return json.loads(path.read_text()).get("base_task", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -288,16 +316,21 @@ def main() -> int:
         print(f"[{time.time() - started:6.0f}s] {backbone} {data} {variant} seed {seed}", flush=True)
         rows.append(run_one(args.out, backbone, data, variant, seed, args))
     rows.sort(key=lambda r: (r["backbone"], r["dataset"], list(ALL_VARIANTS).index(r["variant"]), r["seed"]))
+    recorded_base = recorded_base_checks(args.out / "accuracy.json")
     base = {}
     for backbone in sorted({r["backbone"] for r in rows}):
         bundle_dir = args.out / "bundles" / backbone
-        packable = [r for r in rows if r["backbone"] == backbone and r["variant"] not in FINETUNE_VARIANTS]
+        # fine-tunes add no task to the backbone; runs restored without weights cannot be packed
+        packable = [r for r in rows if r["backbone"] == backbone and r["variant"] not in FINETUNE_VARIANTS
+                    and has_weights(r["run"])]
         shutil.rmtree(bundle_dir, ignore_errors=True)
-        if packable:  # fine-tunes alone add no task to the backbone
+        if packable:
             pack_runs([r["run"] for r in packable], bundle_dir, name=None)
         storage(bundle_dir if packable else None, [r for r in rows if r["backbone"] == backbone])
         if backbone in WEIGHTS and packable:
-            base[backbone] = base_task_check(backbone, bundle_dir)
+            base[backbone] = {**base_task_check(backbone, bundle_dir), "tasks": len(packable)}
+        elif backbone in recorded_base:  # no run with weights: the check the last run of bench_accuracy made
+            base[backbone] = {**recorded_base[backbone], "recorded": True}
     summary = summarize(rows)
     table = format_table(
         ["backbone", "dataset", "method", "seeds", "test acc %", "± std", "gap to finetune", "bytes/task",
@@ -308,7 +341,8 @@ def main() -> int:
     print(table)
     for backbone, b in base.items():
         print(f"base task (CIFAR-10 2k) on {backbone}: original {100 * b['original']:.2f}%, from the bundle after "
-              f"adding tasks {100 * b['bundle']:.2f}%, logits bitwise identical: {b['bitwise_identical']}")
+              f"adding {b.get('tasks', 'its')} tasks {100 * b['bundle']:.2f}%, logits bitwise identical: "
+              f"{b['bitwise_identical']}" + (" (recorded: no run with weights here)" if b.get("recorded") else ""))
     args.out.mkdir(parents=True, exist_ok=True)
     seeds = sorted({r["seed"] for r in rows})
     (args.out / "accuracy.json").write_text(json.dumps({"rows": rows, "summary": summary, "base_task": base,

@@ -35,7 +35,7 @@ from pbexport.data import batches, crop_padding
 from pbexport.fileio import atomic_write_json
 from pbexport.report import format_table
 from pbexport.training import accuracy_and_loss, average_states, validation_score
-from selection_study import accuracy_runs, complete_cells, lead_rows, leads, load_run
+from selection_study import NotCached, accuracy_runs, complete_cells, lead_rows, leads, load_run, require_checkpoints
 
 DEFAULT_RECIPE = "piggyback-bn"
 AVERAGED_EPOCHS = 3
@@ -128,6 +128,7 @@ def _evaluations(root: Path, run_dir: Path, cache: dict, loaded: dict) -> dict:
     done = {k: v for k, v in cache[key]["levers"].items() if k in LEVERS}
     missing = [lever for lever in LEVERS if lever not in done]
     if missing:
+        require_checkpoints(run_dir)
         done.update(evaluate_run(run_dir, metrics, loaded, missing))
         print(f"evaluated {key}: {', '.join(missing)}", file=sys.stderr, flush=True)
     cache[key]["levers"] = done
@@ -149,7 +150,11 @@ def collect(root: Path, seeds: int, cache: dict, backbones: list[str] | None = N
             continue
         tried = metrics.get("lr_bn_candidates")
         where = [run_dir / t["run"] for t in tried] if tried else [run_dir]
-        candidates = [_evaluations(root, w, cache, loaded) for w in where]
+        try:
+            candidates = [_evaluations(root, w, cache, loaded) for w in where]
+        except NotCached as exc:  # its cell is left incomplete, so it is left out
+            print(exc, file=sys.stderr)
+            continue
         if tried:  # as trained, the choice must be the one the run recorded
             chosen = max(range(len(tried)), key=lambda i: validation_score(candidates[i][AS_TRAINED]))
             if tried[chosen]["lr_bn"] != metrics["lr_bn"]:

@@ -59,6 +59,19 @@ def load_run(run_dir: Path, loaded: dict):
     return model, data, train_set, val
 
 
+class NotCached(Exception):
+    """A run that must be evaluated but has no checkpoints: restored from bench-record/ (tools/bench_record.py)
+    without them, and missing from the cache."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(f"{run_dir}: no checkpoints (restored from bench-record/) and not in the cache: left out")
+
+
+def require_checkpoints(run_dir: Path) -> None:
+    if not (run_dir / "checkpoints").is_dir():
+        raise NotCached(run_dir)
+
+
 def epoch_records(run_dir: Path, history: list[dict], key: str, cache: dict, loaded: dict) -> list[dict]:
     """Per epoch of a run's recorded ``history``: its val and test accuracy, and the val loss of that
     epoch's checkpoint."""
@@ -67,6 +80,7 @@ def epoch_records(run_dir: Path, history: list[dict], key: str, cache: dict, loa
     recorded = [(r["val_accuracy"], r["test_accuracy"]) for r in history]
     if cached and [(r["val_accuracy"], r["test_accuracy"]) for r in cached] == recorded:
         return cached
+    require_checkpoints(run_dir)
     model, data, _, val = load_run(run_dir, loaded)
     records = []
     for rec in history:
@@ -137,8 +151,13 @@ def collect(root: Path, variants: set[str], seeds: int, cache: dict) -> dict:
     found: dict = {}
     loaded: dict = {}
     for run_dir, variant, seed, method, metrics in accuracy_runs(root, seeds, variants):
+        try:
+            candidates = run_candidates(root, run_dir, metrics, cache, loaded)
+        except NotCached as exc:  # its cell is left incomplete, so it is left out
+            print(exc, file=sys.stderr)
+            continue
         cell = found.setdefault((run_dir.parts[-3], run_dir.parts[-2]), {})
-        cell.setdefault(variant, {})[seed] = (method, run_candidates(root, run_dir, metrics, cache, loaded))
+        cell.setdefault(variant, {})[seed] = (method, candidates)
     return complete_cells(found, variants, seeds)
 
 

@@ -11,7 +11,9 @@ Reads, under --results (default bench-out/):
   directories; the per-backbone bundles it packed;
 
 and computes the storage figures from bundle files (stored bits vs entropy per task, and a 3-task
-cifar_resnet20 bundle packed from the accuracy runs into a temporary directory). Nothing is timed
+cifar_resnet20 bundle packed from the accuracy runs into a temporary directory, kept in three-task.json).
+Where the bundles or the runs' weights are gone (results restored from bench-record/ by
+tools/bench_record.py), it reads the bundle info and three-task.json that were recorded. Nothing is timed
 here. A figure with no result file is reported as not measured, never estimated; missing accuracy
 runs come with the training time they still need, estimated from the runs that finished.
 
@@ -46,6 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from benchlib import SPLIT_HEADERS, parse_run_dir_name, points_difference, split_rows  # noqa: E402  (tools/, torch-free)
+from pbexport.fileio import atomic_write_json  # noqa: E402  (torch-free)
 
 # the grid `make bench` runs with tools/bench_accuracy.py's defaults
 ACC_BACKBONES = ["cifar_resnet20", "cifar_resnet56"]
@@ -435,9 +438,12 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
                  table(["backbone", "dataset", "method", "seeds missing", "state", "reason"], missing), ""]
     base = (data or {}).get("base_task", {})
     for b, r in base.items():
+        tasks = f"its {r['tasks']} tasks" if "tasks" in r else "every task"
         text.append(f"- Base task (CIFAR-10, 2,000 test images) on {b}: original weights {100 * r['original']:.2f}%, "
-                    f"the bundle's backbone after adding every task {100 * r['bundle']:.2f}%, logits bitwise "
-                    f"identical: **{r['bitwise_identical']}**.")
+                    f"the bundle's backbone after adding {tasks} {100 * r['bundle']:.2f}%, logits bitwise "
+                    f"identical: **{r['bitwise_identical']}**"
+                    + (" (as recorded: no run of this backbone had its weights when bench_accuracy.py last ran)."
+                       if r.get("recorded") else "."))
     if base:
         text.append("")
 
@@ -450,7 +456,7 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
     if png.exists() and json_covers:
         shutil.copyfile(png, target)
         plots.append(target)
-    elif summary:
+    elif any(s["variant"] in ACC_VARIANTS for s in summary):  # the chart shows the grid's methods
         _plot_accuracy(summary, target)
         plots.append(target)
     for t in plots:
@@ -580,14 +586,23 @@ def bundle_rows(info: dict) -> list[dict]:
     return rows
 
 
-def three_task_bundle(cells: dict) -> tuple[dict | None, list[str], str]:
-    """Pack 3 finished cifar_resnet20 mask runs into a temporary bundle; (info, task names, why not)."""
+THREE_TASK = "three-task.json"  # the 3-task bundle's measurement, for when the runs' weights are gone
+
+
+def three_task_bundle(cells: dict, results: Path) -> tuple[dict | None, list[str], str]:
+    """Pack 3 finished cifar_resnet20 mask runs into a temporary bundle; (info, task names, why not). The
+    measurement is kept in results/three-task.json and read back from there while fewer than 3 runs have
+    their weights (runs restored from bench-record/ have none)."""
     order = {DEFAULT_RECIPE: 0, "piggyback": 1}
     runs = sorted((r for k, r in cells.items() if k[0] == "cifar_resnet20" and k[2] in order and r.get("run")
-                   and (Path(r["run"]) / "metrics.json").exists()),
+                   and (Path(r["run"]) / "metrics.json").exists() and (Path(r["run"]) / "model.safetensors").exists()),
                   key=lambda r: (order[r["variant"]], r["seed"], r["dataset"]))[:3]
     if len(runs) < 3:
-        return None, [], f"only {len(runs)} finished cifar_resnet20 mask runs under bench-out/accuracy/runs"
+        kept = read_json(results / THREE_TASK)
+        if kept:
+            return kept["info"], kept["runs"], ""
+        return None, [], (f"only {len(runs)} finished cifar_resnet20 mask runs with weights under "
+                          "bench-out/accuracy/runs")
     from pbexport import PbexportError, load_bundle, pack_runs
 
     with tempfile.TemporaryDirectory(prefix="bench-3task-") as tmp:
@@ -596,6 +611,9 @@ def three_task_bundle(cells: dict) -> tuple[dict | None, list[str], str]:
         except PbexportError as exc:  # a run directory that is not a finished pbexport run: say so, go on
             return None, [], f"packing 3 cifar_resnet20 mask runs failed: {exc}"
         info = load_bundle(Path(tmp) / "bundle").info()
+    for task in info["tasks"].values():
+        task.pop("layers", None)
+    atomic_write_json(results / THREE_TASK, {"info": info, "runs": [r["run"] for r in runs]})
     return info, [r["run"] for r in runs], ""
 
 
@@ -606,9 +624,22 @@ def _budget(info: dict) -> int:
                                           for t in info["tasks"].values())
 
 
+def recorded_info(bundle: Path) -> Path:
+    """Where tools/bench_record.py keeps a bundle's info (`pbexport info` without the per-layer tables)."""
+    return bundle.with_name(bundle.name + ".info.json")
+
+
+def bundle_sources(results: Path) -> list[Path]:
+    """The bundles the storage section reads: those on disk, and those whose info alone was restored from
+    bench-record/ (their bundle gone with an old checkout)."""
+    places = [sorted((results / "accuracy" / "bundles").glob("*")), sorted(results.glob("int8/bundle-*"))]
+    candidates = [p.with_name(p.name.removesuffix(".info.json")) if p.name.endswith(".info.json") else p
+                  for paths in places for p in paths]
+    return list(dict.fromkeys(b for b in candidates if (b / "manifest.json").exists() or recorded_info(b).is_file()))
+
+
 def section_storage(results: Path, cells: dict, img_dir: Path, out_dir: Path) -> tuple[str, list[Goal]]:
-    bundles = [b for b in sorted((results / "accuracy" / "bundles").glob("*")) + sorted(results.glob("int8/bundle-*"))
-               if (b / "manifest.json").exists()]
+    bundles = bundle_sources(results)
     text = ["## Storage: stored mask bits vs entropy",
             "",
             "Read from the bundle files with `pbexport.load_bundle(path).info()`: per task, stored mask bits per "
@@ -624,14 +655,16 @@ def section_storage(results: Path, cells: dict, img_dir: Path, out_dir: Path) ->
     from pbexport import load_bundle
 
     for b in bundles:
+        live = (b / "manifest.json").exists()
         try:
-            info = load_bundle(b).info()
+            info = load_bundle(b).info() if live else json.loads(recorded_info(b).read_text())
         except Exception as exc:  # a bundle being rewritten, or damaged: report, do not guess
             text += [f"`{b}`: cannot be read ({exc}).", ""]
             continue
         rows = bundle_rows(info)
         origin = "bench_accuracy.py" if "accuracy" in b.parts else "bench_int8.py"
-        text += [f"### {info['backbone']['name']}: `{b}` ({origin}, {mtime(b / 'manifest.json')})", "",
+        when = mtime(b / "manifest.json") if live else f"{mtime(recorded_info(b))}, as recorded: the bundle is gone"
+        text += [f"### {info['backbone']['name']}: `{b}` ({origin}, {when})", "",
                  f"Backbone file {info['backbone']['size']:,} B, {info['backbone']['masked_params']:,} masked "
                  f"parameters (1 bit each = {math.ceil(info['backbone']['masked_params'] / 8):,} B); manifest "
                  f"{info['manifest_size']:,} B; bundle total {info['total_size']:,} B against backbone + "
@@ -642,8 +675,8 @@ def section_storage(results: Path, cells: dict, img_dir: Path, out_dir: Path) ->
                        [[r["task"], r["method"], r["train_bn"], r["density"], r["stored"], r["entropy"], r["bound"],
                          "-" if r["ok"] is None else ("yes" if r["ok"] else "NO"), r["size"], r["mask_bytes"],
                          r["param_bytes"], r["header"]] for r in rows], spec=".4f"), ""]
-        png = density_plot(b, img_dir / f"mask-density-{b.parent.name if origin == 'bench_int8.py' else 'accuracy'}-"
-                                     f"{info['backbone']['name']}.png")
+        place = b.parent.name if origin == "bench_int8.py" else "accuracy"
+        png = density_plot(b, img_dir / f"mask-density-{place}-{info['backbone']['name']}.png") if live else None
         if png:
             text += [f"Per-layer mask density (`pbexport info {b} --plot {rel(png, out_dir)}`):", "",
                      f"![per-layer mask density, {info['backbone']['name']}]({rel(png, out_dir)})", ""]
@@ -661,7 +694,7 @@ def section_storage(results: Path, cells: dict, img_dir: Path, out_dir: Path) ->
                                             "near its entropy; see tools/measure_codecs.py"))
     # the 3-task budget
     goal = "3-task cifar_resnet20 bundle <= backbone + 3 x (1 bit/masked param + head + BN)"
-    info, runs, why = three_task_bundle(cells)
+    info, runs, why = three_task_bundle(cells, results)
     text += ["### 3-task cifar_resnet20 bundle", ""]
     if info is None:
         text += [f"Not measured: {why}.", ""]

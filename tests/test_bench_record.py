@@ -1,0 +1,116 @@
+"""tools/bench_record.py: the benchmarks' light results survive the loss of bench-out/. A restored run has no
+weights, yet bench_accuracy.py reuses it with its recorded storage figures, and the report reads it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, import_tool
+
+
+def _tree(root, files: dict) -> None:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+def test_the_record_keeps_finished_results_and_no_weight_checkpoint_or_unfinished_run(tmp_path):
+    record = import_tool("bench_record")
+    results = tmp_path / "bench-out"
+    done, cand, running = "accuracy/runs/bb/ds/piggyback-bn-s0", "candidates/lr-bn-0.01", "accuracy/runs/bb/ds/x-s1"
+    _tree(results, {"train.json": "{}", "accuracy/accuracy.json": "{}", "posthoc.json": "{}",
+                    f"{done}/config.json": "{}", f"{done}/metrics.json": "{}", f"{done}/bench-storage.json": "{}",
+                    f"{done}/model.safetensors": "w", f"{done}/checkpoints/epoch-0001.json": "{}",
+                    f"{done}/{cand}/config.json": "{}", f"{done}/{cand}/metrics.json": "{}",
+                    f"{running}/config.json": "{}", f"{running}/checkpoints/epoch-0001.json": "{}",
+                    f"{running}/{cand}/config.json": "{}", f"{running}/{cand}/metrics.json": "{}",
+                    "int8/bundle-x/manifest.json": "{}", "int8/bundle-x/tasks/t.json": "{}"})
+    kept = {p.relative_to(results).as_posix() for p in record.light_files(results)}
+    assert kept == {"train.json", "accuracy/accuracy.json", "posthoc.json", f"{done}/config.json",
+                    f"{done}/metrics.json", f"{done}/bench-storage.json", f"{done}/{cand}/config.json",
+                    f"{done}/{cand}/metrics.json"}
+
+
+def test_save_then_restore_brings_back_contents_and_times_and_never_overwrites(tmp_path, capsys):
+    record = import_tool("bench_record")
+    results, rec = tmp_path / "bench-out", tmp_path / "bench-record"
+    _tree(results, {"train.json": '{"a": 1}', "export.json": '{"b": 2}'})
+    os.utime(results / "train.json", (1_700_000_000, 1_700_000_000))
+    assert record.save(results, rec) == {"new": 2, "changed": 0, "unchanged": 0}
+    assert record.save(results, rec) == {"new": 0, "changed": 0, "unchanged": 2}
+    (results / "export.json").write_text('{"b": 3}')
+    assert record.save(results, rec) == {"new": 0, "changed": 1, "unchanged": 1}
+
+    fresh = tmp_path / "fresh"
+    _tree(fresh, {"export.json": '{"local": true}'})
+    assert record.restore(rec, fresh) == {"restored": 1, "present": 0, "kept local": 1}
+    assert (fresh / "train.json").read_text() == '{"a": 1}'
+    assert (fresh / "train.json").stat().st_mtime == 1_700_000_000
+    assert (fresh / "export.json").read_text() == '{"local": true}'  # bench-out's own work wins
+    # the record keeps what a later bench-out lacks
+    (results / "train.json").unlink()
+    assert record.save(results, rec)["unchanged"] == 1 and (rec / "train.json").exists()
+    # a record file that is not what its index says is refused, naming it
+    (rec / "train.json").write_text("{}")
+    with pytest.raises(SystemExit, match="train.json: missing or not the file the record's index lists"):
+        record.restore(rec, tmp_path / "other")
+
+
+def _bench(out, data, *seeds: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "bench_accuracy.py"), "--quiet", "--backbones",
+                           "cifar_resnet20", "--datasets", str(data), "--variants", "piggyback", "finetune-contig",
+                           "--seeds", *(seeds or ["0"]), "--epochs", "1", "--out", str(out)],
+                          capture_output=True, text=True)
+
+
+def _report(results, tmp_path) -> str:
+    out = tmp_path / "BENCHMARKS.md"
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "write_benchmarks.py"), "--results", str(results),
+                        "--out", str(out), "--img-dir", str(tmp_path / "img")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out.read_text()
+
+
+def test_restored_runs_are_reused_without_weights_with_their_recorded_figures(resnet20_weights, tiny_npz, tmp_path):
+    record = import_tool("bench_record")
+    first = _bench(tmp_path / "bench-out" / "accuracy", tiny_npz, "0", "1", "2")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    bundle_goal = ("| 3-task cifar_resnet20 bundle <= backbone + 3 x (1 bit/masked param + head + BN) "
+                   "| total <= budget | ")
+    measured = _report(tmp_path / "bench-out", tmp_path).split(bundle_goal)[1].split("\n")[0]
+    assert measured.endswith("| met | - |")  # packed from the runs' weights, kept in three-task.json
+    record.save(tmp_path / "bench-out", tmp_path / "bench-record")
+    saved = {p.relative_to(tmp_path / "bench-record").as_posix() for p in (tmp_path / "bench-record").rglob("*")
+             if p.is_file()}
+    assert {"accuracy/bundles/cifar_resnet20.info.json", "three-task.json"} <= saved
+    assert not any(name.endswith(".safetensors") or "checkpoints" in name for name in saved)
+
+    # a new checkout: only the record
+    restored = tmp_path / "restored"
+    record.restore(tmp_path / "bench-record", restored)
+    again = _bench(restored / "accuracy", tiny_npz, "0", "1", "2")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert not list(restored.rglob("*.safetensors"))  # nothing was trained again
+    before = json.loads((tmp_path / "bench-out" / "accuracy" / "accuracy.json").read_text())
+    after = json.loads((restored / "accuracy" / "accuracy.json").read_text())
+    keys = ["variant", "seed", "test_accuracy", "bytes_per_task", "stored_bits_per_param", "train_seconds"]
+    assert [{k: r[k] for k in keys} for r in after["rows"]] == [{k: r[k] for k in keys} for r in before["rows"]]
+    assert after["base_task"]["cifar_resnet20"] == {**before["base_task"]["cifar_resnet20"], "recorded": True}
+    assert "(recorded: no run with weights here)" in again.stdout
+
+    text = _report(restored, tmp_path)
+    assert "as recorded: the bundle is gone" in text and "| tiny-piggyback-s2 |" in text
+    assert "as recorded: no run of this backbone had its weights" in text
+    assert text.split(bundle_goal)[1].split("\n")[0] == measured
+
+
+def test_a_run_without_weights_or_recorded_figures_is_named(resnet20_weights, tiny_npz, tmp_path):
+    first = _bench(tmp_path / "accuracy", tiny_npz)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    run = tmp_path / "accuracy" / "runs" / "cifar_resnet20" / "tiny" / "finetune-contig-s0"
+    (run / "model.safetensors").unlink()
+    (run / "bench-storage.json").unlink()
+    again = _bench(tmp_path / "accuracy", tiny_npz)
+    assert again.returncode != 0 and f"{run}: no weights and no bench-storage.json" in again.stderr
