@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,6 +24,22 @@ def import_tool(name: str):
         return importlib.import_module(name)
     finally:
         sys.path.remove(str(REPO / "tools"))
+
+
+def study_then_restore(study, runs_root: Path, tmp_path: Path, out_name: str) -> tuple[Path, Path]:
+    """Run ``study`` (a tools/ study) over a copy of ``runs_root`` in a bench-out/, save that with
+    tools/bench_record.py and restore it elsewhere, as a new checkout would: (the study's result, the
+    restored results folder: runs without weights or checkpoints, and the study's cache)."""
+    record = import_tool("bench_record")
+    results = tmp_path / "bench-out"
+    shutil.copytree(runs_root, results / "accuracy" / "runs")
+    assert study.main(["--runs", str(results / "accuracy" / "runs"), "--out", str(results / out_name),
+                       "--seeds", "1"]) == 0
+    record.save(results, tmp_path / "bench-record")
+    restored = tmp_path / "restored"
+    record.restore(tmp_path / "bench-record", restored)
+    assert not list(restored.rglob("*.safetensors")) and not list(restored.rglob("checkpoints"))
+    return results / out_name, restored
 
 
 def flip_recorded_bn_lr(run: Path) -> None:

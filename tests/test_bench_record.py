@@ -49,9 +49,19 @@ def test_save_then_restore_brings_back_contents_and_times_and_never_overwrites(t
     assert (fresh / "train.json").read_text() == '{"a": 1}'
     assert (fresh / "train.json").stat().st_mtime == 1_700_000_000
     assert (fresh / "export.json").read_text() == '{"local": true}'  # bench-out's own work wins
+    # a run is restored whole or not at all: never into a run directory bench-out already has (here, one
+    # that is training again)
+    run = "accuracy/runs/bb/ds/piggyback-bn-s0"
+    _tree(results, {f"{run}/config.json": "{}", f"{run}/metrics.json": "{}", f"{run}/candidates/c/config.json": "{}",
+                    f"{run}/candidates/c/metrics.json": "{}"})
+    record.save(results, rec)
+    _tree(fresh, {f"{run}/config.json": "{}"})
+    assert record.restore(rec, fresh) == {"restored": 0, "present": 2, "kept local": 4}
+    assert sorted(p.name for p in (fresh / run).rglob("*")) == ["config.json"]
     # the record keeps what a later bench-out lacks
     (results / "train.json").unlink()
-    assert record.save(results, rec)["unchanged"] == 1 and (rec / "train.json").exists()
+    assert record.save(results, rec) == {"new": 0, "changed": 0, "unchanged": 5}
+    assert (rec / "train.json").exists() and "train.json" in json.loads((rec / "index.json").read_text())["files"]
     # a record file that is not what its index says is refused, naming it
     (rec / "train.json").write_text("{}")
     with pytest.raises(SystemExit, match="train.json: missing or not the file the record's index lists"):

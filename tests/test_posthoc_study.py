@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import flip_recorded_bn_lr, import_tool
+from conftest import flip_recorded_bn_lr, import_tool, study_then_restore
 
 from pbexport import masking
 from pbexport.backbones import load_backbone
@@ -120,22 +120,15 @@ def test_a_tampered_choice_and_a_damaged_result_are_refused(runs_root, tmp_path)
 
 
 def test_restored_runs_are_read_from_the_cache_or_left_out_by_name(runs_root, tmp_path, capsys):
-    """Runs restored from bench-record/ have no weights or checkpoints: the cache serves them, else they are
-    left out."""
-    study, record = import_tool("posthoc_study"), import_tool("bench_record")
-    results = tmp_path / "bench-out"
-    shutil.copytree(runs_root, results / "accuracy" / "runs")
-    out = results / "posthoc.json"
-    assert study.main(["--runs", str(results / "accuracy" / "runs"), "--out", str(out), "--seeds", "1"]) == 0
-    record.save(results, tmp_path / "bench-record")
-    restored = tmp_path / "restored"
-    record.restore(tmp_path / "bench-record", restored)
-    assert not list(restored.rglob("*.safetensors"))
+    """Runs restored from bench-record/ have no weights or checkpoints: the study's cache serves them, else
+    they are left out, by name."""
+    study = import_tool("posthoc_study")
+    first, restored = study_then_restore(study, runs_root, tmp_path, "posthoc.json")
     again = restored / "posthoc.json"
     assert study.main(["--runs", str(restored / "accuracy" / "runs"), "--out", str(again), "--seeds", "1"]) == 0
-    assert json.loads(again.read_text())["levers"] == json.loads(out.read_text())["levers"]
+    assert json.loads(again.read_text())["levers"] == json.loads(first.read_text())["levers"]
 
-    again.unlink()
+    again.unlink()  # no cache: the default's runs cannot be evaluated, so no cell is complete
     capsys.readouterr()
     assert study.main(["--runs", str(restored / "accuracy" / "runs"), "--out", str(again), "--seeds", "1"]) == 2
     assert "finetune-s0: no checkpoints (restored from bench-record/) and not in the cache: left out" in \

@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from conftest import flip_recorded_bn_lr, import_tool
+from conftest import flip_recorded_bn_lr, import_tool, study_then_restore
 
 from pbexport.training import TrainConfig, train
 
@@ -105,19 +105,13 @@ def test_cached_losses_are_reused_and_a_mismatched_checkpoint_is_refused(runs_ro
 
 
 def test_restored_runs_are_read_from_the_cache_or_left_out_by_name(runs_root, tmp_path, capsys):
-    """Runs restored from bench-record/ have no checkpoints: the cache serves them, else they are left out."""
-    study, record = import_tool("selection_study"), import_tool("bench_record")
-    results = tmp_path / "bench-out"
-    shutil.copytree(runs_root, results / "accuracy" / "runs")
-    out = results / "selection.json"
-    assert study.main(["--runs", str(results / "accuracy" / "runs"), "--out", str(out), "--seeds", "1"]) == 0
-    record.save(results, tmp_path / "bench-record")
-    restored = tmp_path / "restored"
-    record.restore(tmp_path / "bench-record", restored)
-    assert not list(restored.rglob("checkpoints"))
+    """Runs restored from bench-record/ have no weights or checkpoints: the study's cache serves them, else
+    they are left out, by name."""
+    study = import_tool("selection_study")
+    first, restored = study_then_restore(study, runs_root, tmp_path, "selection.json")
     again = restored / "selection.json"
     assert study.main(["--runs", str(restored / "accuracy" / "runs"), "--out", str(again), "--seeds", "1"]) == 0
-    assert json.loads(again.read_text())["rules"] == json.loads(out.read_text())["rules"]
+    assert json.loads(again.read_text())["rules"] == json.loads(first.read_text())["rules"]
 
     again.unlink()  # no cache: the default's runs cannot be evaluated, so no cell is complete
     capsys.readouterr()

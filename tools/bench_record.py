@@ -118,9 +118,18 @@ def save(results: Path, record: Path) -> dict[str, int]:
     return counts
 
 
+def _run_root(key: str, index: dict) -> str | None:
+    """The outermost recorded run directory ``key`` lies in (one with a config.json), if any."""
+    parts = key.split("/")
+    return next(("/".join(parts[:i]) for i in range(1, len(parts)) if "/".join([*parts[:i], "config.json"]) in index),
+                None)
+
+
 def restore(record: Path, results: Path) -> dict[str, int]:
-    """Copy into ``results`` the recorded files it lacks, with their recorded times; keep what it has."""
+    """Copy into ``results`` the recorded files it lacks, with their recorded times; keep what it has. A run
+    is restored whole or not at all: never into a run directory results already has (finished or training)."""
     index = read_index(record)
+    local_runs = {run for run in (_run_root(key, index) for key in index) if run and (results / run).exists()}
     counts = {"restored": 0, "present": 0, "kept local": 0}
     for key, entry in index.items():
         source, target = record / key, results / key
@@ -129,6 +138,9 @@ def restore(record: Path, results: Path) -> dict[str, int]:
             raise SystemExit(f"error: {source}: missing or not the file the record's index lists")
         if target.exists():
             counts["present" if _sha256(target.read_bytes()) == entry["sha256"] else "kept local"] += 1
+            continue
+        if _run_root(key, index) in local_runs:
+            counts["kept local"] += 1
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(target, data)
