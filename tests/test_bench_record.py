@@ -66,6 +66,7 @@ def test_save_then_restore_brings_back_contents_and_times_and_never_overwrites(t
     (rec / "train.json").write_text("{}")
     with pytest.raises(SystemExit, match="train.json: missing or not the file the record's index lists"):
         record.restore(rec, tmp_path / "other")
+    assert not (tmp_path / "other").exists()  # checked before anything is written
 
 
 def _bench(out, data, *seeds: str) -> subprocess.CompletedProcess:

@@ -130,12 +130,15 @@ def restore(record: Path, results: Path) -> dict[str, int]:
     is restored whole or not at all: never into a run directory results already has (finished or training)."""
     index = read_index(record)
     local_runs = {run for run in (_run_root(key, index) for key in index) if run and (results / run).exists()}
+    recorded = {}
+    for key, entry in index.items():  # every file checked before any is written
+        source = record / key
+        recorded[key] = source.read_bytes() if source.is_file() else None
+        if recorded[key] is None or _sha256(recorded[key]) != entry["sha256"]:
+            raise SystemExit(f"error: {source}: missing or not the file the record's index lists")
     counts = {"restored": 0, "present": 0, "kept local": 0}
     for key, entry in index.items():
-        source, target = record / key, results / key
-        data = source.read_bytes() if source.exists() else None
-        if data is None or _sha256(data) != entry["sha256"]:
-            raise SystemExit(f"error: {source}: missing or not the file the record's index lists")
+        target, data = results / key, recorded[key]
         if target.exists():
             counts["present" if _sha256(target.read_bytes()) == entry["sha256"] else "kept local"] += 1
             continue
