@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchlib import parse_run_dir_name, points_difference, run_dir_name
+from benchlib import has_weights, parse_run_dir_name, points_difference, run_dir_name
 from pbexport import runs
 from pbexport.backbones import load_backbone
 from pbexport.bundle import load_bundle, pack_runs
@@ -154,11 +154,6 @@ def base_task_check(backbone: str, bundle_dir: Path) -> dict:
 
 
 STORAGE_RECORD = "bench-storage.json"  # beside a run: its storage figures, for when its weights are gone
-
-
-def has_weights(run: str | Path) -> bool:
-    """A run restored from bench-record/ (tools/bench_record.py) has its config and metrics, not its weights."""
-    return (Path(run) / "model.safetensors").is_file()
 
 
 def storage(bundle_dir: Path | None, rows: list[dict]) -> None:

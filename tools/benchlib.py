@@ -4,6 +4,7 @@ memory probe. Torch-free, so that write_benchmarks.py can read the results witho
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 # runs/<backbone>/<dataset>/<variant>-s<seed>; recipe names carry learning rates (piggyback-bn-head1e-3)
 _RUN_DIR = re.compile(r"(?P<variant>[a-z0-9.-]+)-s(?P<seed>\d+)")
@@ -17,6 +18,12 @@ def parse_run_dir_name(name: str) -> tuple[str, int] | None:
     """(variant, seed) of a run directory's name, or None for anything else."""
     m = _RUN_DIR.fullmatch(name)
     return (m["variant"], int(m["seed"])) if m else None
+
+
+def has_weights(run) -> bool:
+    """Does accuracy run directory ``run`` hold its weights? A run restored from bench-record/
+    (tools/bench_record.py) has its config and metrics only."""
+    return (Path(run) / "model.safetensors").is_file()
 
 
 def points_difference(a: float, b: float) -> float:

@@ -47,7 +47,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-from benchlib import SPLIT_HEADERS, parse_run_dir_name, points_difference, split_rows  # noqa: E402  (tools/, torch-free)
+from benchlib import SPLIT_HEADERS, has_weights, parse_run_dir_name, points_difference, split_rows  # noqa: E402  (tools/, torch-free)
 from pbexport.fileio import atomic_write_json  # noqa: E402  (torch-free)
 
 # the grid `make bench` runs with tools/bench_accuracy.py's defaults
@@ -595,7 +595,7 @@ def three_task_bundle(cells: dict, results: Path) -> tuple[dict | None, list[str
     their weights (runs restored from bench-record/ have none)."""
     order = {DEFAULT_RECIPE: 0, "piggyback": 1}
     runs = sorted((r for k, r in cells.items() if k[0] == "cifar_resnet20" and k[2] in order and r.get("run")
-                   and (Path(r["run"]) / "metrics.json").exists() and (Path(r["run"]) / "model.safetensors").exists()),
+                   and (Path(r["run"]) / "metrics.json").exists() and has_weights(r["run"])),
                   key=lambda r: (order[r["variant"]], r["seed"], r["dataset"]))[:3]
     if len(runs) < 3:
         kept = read_json(results / THREE_TASK)
