@@ -6,9 +6,10 @@ import json
 import subprocess
 import sys
 
+import torch
 from conftest import REPO, import_tool
 
-from pbexport.runs import RUN_FORMAT, RUN_FORMAT_VERSION
+from pbexport.runs import RUN_FORMAT, RUN_FORMAT_VERSION, RunDir
 
 
 def test_piggyback_clearly_beats_classifier_only_on_real_data(resnet20_weights, shared_data, tmp_path):
@@ -33,6 +34,33 @@ def test_recipes_beside_the_grid_run_alone(resnet20_weights, tiny_npz, tmp_path)
     assert result["rows"][0]["bytes_per_task"] > 0 and result["base_task"] == {}
     assert not (tmp_path / "accuracy.png").exists() and not (tmp_path / "bundles" / "cifar_resnet20").exists()
 
+
+def test_a_fixed_bn_lr_recipe_is_the_defaults_candidate_copied(resnet20_weights, tiny_npz, tmp_path):
+    """piggyback-bn-head1e-2 and -bn3e-3 train the BN lrs the default chooses between: they are copied from
+    its candidates, under their own task names, and the copies are what training them afresh gives."""
+    def bench(out, *variants):
+        r = subprocess.run([sys.executable, str(REPO / "tools" / "bench_accuracy.py"), "--quiet", "--backbones",
+                            "cifar_resnet20", "--datasets", str(tiny_npz), "--variants", *variants, "--seeds", "0",
+                            "--epochs", "1", "--out", str(out)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout, json.loads((out / "accuracy.json").read_text())
+
+    log, result = bench(tmp_path / "a", "piggyback-bn", "piggyback-bn-head1e-2", "piggyback-bn-bn3e-3",
+                        "piggyback-bn-bn5e-3")
+    assert log.count("copied, not trained again") == 2  # BN lr 5e-3 is no candidate: trained
+    copied = RunDir(tmp_path / "a" / "runs" / "cifar_resnet20" / "tiny" / "piggyback-bn-head1e-2-s0")
+    assert copied.config().task == copied.info()["task"]["name"] == "tiny-piggyback-bn-head1e-2-s0"
+    assert copied.metrics()["copied_from"] == "piggyback-bn-s0/candidates/lr-bn-0.01"
+    _, fresh = bench(tmp_path / "b", "piggyback-bn-head1e-2")
+    trained = RunDir(tmp_path / "b" / "runs" / "cifar_resnet20" / "tiny" / "piggyback-bn-head1e-2-s0")
+    assert copied.config().settings() == trained.config().settings()
+    a, b = copied.final_state(), trained.final_state()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    row = {r["variant"]: r for r in result["rows"]}["piggyback-bn-head1e-2"]
+    assert (row["test_accuracy"], row["bytes_per_task"]) == (fresh["rows"][0]["test_accuracy"],
+                                                             fresh["rows"][0]["bytes_per_task"])
+    # the four tasks were packed into one bundle side by side
+    assert result["base_task"]["cifar_resnet20"]["tasks"] == 4
 
 def test_a_finished_run_is_reused_only_while_its_settings_match(tmp_path):
     ba = import_tool("bench_accuracy")
