@@ -127,9 +127,11 @@ def copy_candidate(cfg: TrainConfig, run_dir: Path) -> Path | None:
     hours of `make bench`). Returns the candidate copied, None where there is none or the run is done."""
     if cfg.method != "piggyback" or cfg.lr_bn == "auto":
         return None
-    want = _settings_but_task(cfg.settings())
-    if run_settings(run_dir) == cfg.settings() and (run_dir / "metrics.json").exists():
+    want, stored = _settings_but_task(cfg.settings()), run_settings(run_dir)
+    if stored == cfg.settings() and (run_dir / "metrics.json").exists():
         return None  # finished already
+    if stored is None and run_dir.exists():
+        return None  # not a run: left alone, as train_or_reuse leaves it
     for source in sorted(run_dir.parent.glob(f"*-s{cfg.seed}/candidates/*")):
         if (_settings_but_task(run_settings(source)) == want and (source / "metrics.json").exists()
                 and has_weights(source)):
