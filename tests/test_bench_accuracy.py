@@ -62,6 +62,43 @@ def test_a_fixed_bn_lr_recipe_is_the_defaults_candidate_copied(resnet20_weights,
     # the four tasks were packed into one bundle side by side
     assert result["base_task"]["cifar_resnet20"]["tasks"] == 4
 
+def test_a_candidate_is_copied_only_where_it_matches_and_nothing_else_is_in_the_way(tmp_path):
+    ba = import_tool("bench_accuracy")
+
+    class Args:
+        epochs, max_train_samples = 10, None
+
+    def run(path, cfg, finished=True):
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(json.dumps({"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION,
+                                                      "config": cfg.to_dict(), "task": {"name": cfg.task}}))
+        if finished:
+            (path / "metrics.json").write_text(json.dumps({"task": cfg.task, "test_accuracy": 0.9}))
+            (path / "model.safetensors").write_bytes(b"weights")
+
+    cell = tmp_path / "runs" / "cifar_resnet20" / "gtsrb"
+    default = ba.make_config("cifar_resnet20", "gtsrb", "piggyback-bn", 0, Args)
+    for candidate in default.bn_candidates():
+        run(cell / "piggyback-bn-s0" / "candidates" / f"lr-bn-{candidate.lr_bn:g}", candidate)
+    slow = ba.make_config("cifar_resnet20", "gtsrb", "piggyback-bn-bn3e-3", 0, Args)
+    (cell / "piggyback-bn-bn3e-3-s0").mkdir()
+    (cell / "piggyback-bn-bn3e-3-s0" / "notes.txt").write_text("mine")
+    assert ba.copy_candidate(slow, cell / "piggyback-bn-bn3e-3-s0") is None  # not a run: left alone
+    assert (cell / "piggyback-bn-bn3e-3-s0" / "notes.txt").read_text() == "mine"
+    assert ba.copy_candidate(ba.make_config("cifar_resnet20", "gtsrb", "piggyback-bn-bn5e-3", 0, Args),
+                             cell / "piggyback-bn-bn5e-3-s0") is None  # no candidate trained BN lr 5e-3
+    assert ba.copy_candidate(ba.make_config("cifar_resnet20", "gtsrb", "piggyback-bn-head1e-2", 1, Args),
+                             cell / "piggyback-bn-head1e-2-s1") is None  # no default run of seed 1
+    fast = ba.make_config("cifar_resnet20", "gtsrb", "piggyback-bn-head1e-2", 0, Args)
+    run(cell / "piggyback-bn-head1e-2-s0", fast, finished=False)  # interrupted: the finished candidate wins
+    assert ba.copy_candidate(fast, cell / "piggyback-bn-head1e-2-s0") == \
+        cell / "piggyback-bn-s0" / "candidates" / "lr-bn-0.01"
+    copied = RunDir(cell / "piggyback-bn-head1e-2-s0")
+    assert copied.config().settings() == fast.settings() and copied.metrics()["task"] == fast.task
+    assert ba.copy_candidate(fast, cell / "piggyback-bn-head1e-2-s0") is None  # done: nothing to copy
+    assert sorted(p.name for p in cell.iterdir()) == ["piggyback-bn-bn3e-3-s0", "piggyback-bn-head1e-2-s0",
+                                                      "piggyback-bn-s0"]  # no staging left behind
+
 def test_a_finished_run_is_reused_only_while_its_settings_match(tmp_path):
     ba = import_tool("bench_accuracy")
 
