@@ -3,12 +3,15 @@ default recipe) must beat classifier-only by a clear margin, and the base task m
 untouched after its tasks are packed (tools/bench_accuracy.py --quick)."""
 
 import json
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO, import_tool
 
+from pbexport.errors import PbexportError
 from pbexport.runs import RUN_FORMAT, RUN_FORMAT_VERSION, RunDir
 
 
@@ -62,6 +65,7 @@ def test_a_fixed_bn_lr_recipe_is_the_defaults_candidate_copied(resnet20_weights,
     # the four tasks were packed into one bundle side by side
     assert result["base_task"]["cifar_resnet20"]["tasks"] == 4
 
+
 def test_a_candidate_is_copied_only_where_it_matches_and_nothing_else_is_in_the_way(tmp_path):
     ba = import_tool("bench_accuracy")
 
@@ -98,6 +102,13 @@ def test_a_candidate_is_copied_only_where_it_matches_and_nothing_else_is_in_the_
     assert ba.copy_candidate(fast, cell / "piggyback-bn-head1e-2-s0") is None  # done: nothing to copy
     assert sorted(p.name for p in cell.iterdir()) == ["piggyback-bn-bn3e-3-s0", "piggyback-bn-head1e-2-s0",
                                                       "piggyback-bn-s0"]  # no staging left behind
+    # a damaged candidate is named, and nothing is written
+    (cell / "piggyback-bn-s0" / "candidates" / "lr-bn-0.003" / "metrics.json").write_text("{not json")
+    shutil.rmtree(cell / "piggyback-bn-bn3e-3-s0")
+    with pytest.raises(PbexportError, match="lr-bn-0.003/metrics.json: cannot read JSON"):
+        ba.copy_candidate(slow, cell / "piggyback-bn-bn3e-3-s0")
+    assert sorted(p.name for p in cell.iterdir()) == ["piggyback-bn-head1e-2-s0", "piggyback-bn-s0"]
+
 
 def test_a_finished_run_is_reused_only_while_its_settings_match(tmp_path):
     ba = import_tool("bench_accuracy")

@@ -35,6 +35,7 @@ from pbexport import runs
 from pbexport.backbones import load_backbone
 from pbexport.bundle import load_bundle, pack_runs
 from pbexport.data import ImageSet
+from pbexport.errors import PbexportError
 from pbexport.fileio import atomic_write_json
 from pbexport.report import format_table
 from pbexport.taskmodel import TaskModel
@@ -109,9 +110,9 @@ def dataset_key(data: str) -> str:
 def run_one(out: Path, backbone: str, data: str, variant: str, seed: int, args) -> dict:
     run_dir = out / "runs" / backbone / dataset_key(data) / run_dir_name(variant, seed)
     cfg = make_config(backbone, data, variant, seed, args)
-    source = copy_candidate(cfg, run_dir)
-    if source is not None:
-        print(f"  the same run as {source.relative_to(run_dir.parent)}: copied, not trained again", flush=True)
+    if copy_candidate(cfg, run_dir) is not None:
+        print(f"  the same run as {runs.RunDir(run_dir).metrics()['copied_from']}: copied, not trained again",
+              flush=True)
     # reused only if trained with this config's settings (defaults may have changed since)
     return run_row(cfg, variant, run_dir, train_or_reuse(cfg, run_dir, progress=not args.quiet))
 
@@ -138,13 +139,13 @@ def copy_candidate(cfg: TrainConfig, run_dir: Path) -> Path | None:
             break
     else:
         return None
+    candidate = runs.RunDir(source)  # read before anything is written: a damaged candidate stops here, named
+    config, metrics = candidate.info(), candidate.metrics()
+    config["config"]["task"] = config["task"]["name"] = cfg.task
     staging = run_dir.with_name(f".{run_dir.name}.copying")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(source, staging, ignore=shutil.ignore_patterns(STORAGE_RECORD))
-    config = json.loads((staging / "config.json").read_text())
-    config["config"]["task"] = config["task"]["name"] = cfg.task
     atomic_write_json(staging / "config.json", config)
-    metrics = json.loads((staging / "metrics.json").read_text())
     copied_from = source.relative_to(run_dir.parent).as_posix()
     atomic_write_json(staging / "metrics.json", {**metrics, "task": cfg.task, "copied_from": copied_from})
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished or stale run of this recipe
@@ -399,4 +400,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except PbexportError as exc:  # a damaged run or data file: one line naming it, as the CLI says it
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
