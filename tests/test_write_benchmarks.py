@@ -205,7 +205,7 @@ def test_the_mean_lead_over_the_grid_is_judged_only_when_every_cell_has_every_se
     assert goals[name] == ("-0.05 (per backbone: cifar_resnet20 +0.10, cifar_resnet56 -0.20)", "met"), goals[name]
 
 
-def test_the_default_reports_the_bn_lr_it_chose_and_the_time_of_both_trainings(tmp_path):
+def test_the_default_reports_the_bn_lr_it_chose_and_the_time_of_both_trainings_a_copy_its_candidates(tmp_path):
     res = tmp_path / "bench-out"
     _run_dir(res, "cifar_resnet20", "gtsrb", "finetune", 0, 0.97)
     run = res / "accuracy" / "runs" / "cifar_resnet20" / "gtsrb" / "piggyback-bn-s0"
@@ -225,6 +225,18 @@ def test_the_default_reports_the_bn_lr_it_chose_and_the_time_of_both_trainings(t
     assert "The per-task BN lr `piggyback-bn` chose on validation: cifar_resnet20 / gtsrb: seed 0 0.003." in text
     row = next(line for line in text.splitlines() if line.startswith("| cifar_resnet20 | gtsrb | piggyback-bn |"))
     assert row.endswith("| 5.00 |"), row  # minutes per run: both trainings' wall time
+
+    # a fixed-BN-lr recipe copied from one candidate: written in a moment, it still costs the candidate's training
+    copy = run.parent / "piggyback-bn-bn3e-3-s0"
+    copy.mkdir()
+    (copy / "config.json").write_text(json.dumps({"config": {"method": "piggyback", "epochs": 2, "lr_bn": 3e-3}}))
+    (copy / "metrics.json").write_text(json.dumps({"test_accuracy": 0.97, "mask_density": 0.7, "lr_bn": 3e-3,
+                                                   "epochs": [{"seconds": 60.0}] * 2,
+                                                   "copied_from": "piggyback-bn-s0/candidates/lr-bn-0.003"}))
+    cells, _, _ = import_tool("write_benchmarks").collect_accuracy(res / "accuracy")
+    copied = cells[("cifar_resnet20", "gtsrb", "piggyback-bn-bn3e-3", 0)]
+    assert copied["copied"] and abs(copied["wall_seconds"] - 150) < 1  # the candidate's time from config to metrics
+    assert not cells[("cifar_resnet20", "gtsrb", "piggyback-bn", 0)]["copied"]
 
 
 def test_validation_splits_section_reads_the_split_study(tmp_path):

@@ -222,6 +222,10 @@ def _train_seconds(metrics: dict) -> float:
 
 
 def _run_wall_seconds(run: Path, metrics: dict) -> float:
+    if "copied_from" in metrics:  # copied from the default's candidate: what training it took there
+        source = run.parent / metrics["copied_from"]
+        source_metrics = read_json(source / "metrics.json")
+        return _run_wall_seconds(source, source_metrics) if source_metrics else _train_seconds(metrics)
     if "lr_bn_candidates" in metrics:  # the candidates trained in their own run directories
         return sum(_run_wall_seconds(run / t["run"], read_json(run / t["run"] / "metrics.json") or {})
                    for t in metrics["lr_bn_candidates"])
@@ -265,13 +269,14 @@ def collect_accuracy(acc_dir: Path) -> tuple[dict, dict | None, dict]:
             cells[key].setdefault("epochs", config.get("epochs"))
             cells[key].setdefault("max_train_samples", config.get("max_train_samples"))
             cells[key].setdefault("method", config.get("method"))
+            cells[key].setdefault("copied", "copied_from" in metrics)
             continue
         cells[key] = {"backbone": key[0], "dataset": key[1], "variant": key[2], "seed": key[3], "run": str(run),
                       "test_accuracy": metrics["test_accuracy"], "mask_density": metrics.get("mask_density"),
                       "train_seconds": _train_seconds(metrics), "lr_bn": metrics.get("lr_bn"),
                       "wall_seconds": wall, "epochs": config.get("epochs"),
                       "max_train_samples": config.get("max_train_samples"), "method": config.get("method"),
-                      "source": "run directory"}
+                      "copied": "copied_from" in metrics, "source": "run directory"}
     return cells, data, partial
 
 
@@ -356,7 +361,8 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
                                           f"{partial[(b, d, v, s)]['epochs'] or '?'} done"
                                           for s in todo if (b, d, v, s) in partial) or "-",
                                 hours(need)])
-    done_seconds = sum(r.get("wall_seconds") or r.get("train_seconds") or 0.0 for r in cells.values())
+    done_seconds = sum(r.get("wall_seconds") or r.get("train_seconds") or 0.0
+                       for r in cells.values() if not r.get("copied"))  # a copy trained nothing
 
     # summaries
     def accs(b, d, v):
@@ -430,6 +436,7 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
         if chosen:
             text += [f"The per-task BN lr `{DEFAULT_RECIPE}` chose on validation: " + "; ".join(chosen)
                      + ". Its minutes per run count both trainings.", ""]
+
     else:
         text += ["No accuracy result yet.", ""]
     if missing:
@@ -801,6 +808,12 @@ def section_frontier(results: Path, cells: dict, img_dir: Path, out_dir: Path) -
                               "seeds)", status(ok), "" if ok else _frontier_note(here, ft, fine_tunes)))
     text += [table(["backbone", "dataset", "recipe", "settings", "seeds", "test top-1 %", "± std", "fine-tune lead",
                     "stored bits/param", "mask density"], rows), ""]
+    copies = sorted({k[2] for k, r in cells.items() if r.get("copied")})
+    if copies:
+        text += [f"{', '.join(f'`{v}`' for v in copies)}: each run is one of the two candidates `{DEFAULT_RECIPE}` "
+                 "trained for the same cell and seed (the same settings; only the task name differs), so "
+                 "`tools/bench_accuracy.py` copied it instead of training it again (`copied_from` in its "
+                 "`metrics.json`).", ""]
     png = results / "accuracy" / "frontier.png"
     if png.exists():
         img_dir.mkdir(parents=True, exist_ok=True)
