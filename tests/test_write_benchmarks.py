@@ -239,6 +239,18 @@ def test_the_default_reports_the_bn_lr_it_chose_and_the_time_of_both_trainings_a
     assert not cells[("cifar_resnet20", "gtsrb", "piggyback-bn", 0)]["copied"]
 
 
+def test_minutes_per_run_are_the_median_so_one_contended_run_does_not_skew_them(tmp_path):
+    res = tmp_path / "bench-out"
+    for seed, wall in enumerate((120, 150, 1800)):  # seed 2 shared the cores with other work
+        _run_dir(res, "cifar_resnet20", "gtsrb", "finetune", seed, 0.97, epochs=30)
+        run = res / "accuracy" / "runs" / "cifar_resnet20" / "gtsrb" / f"finetune-s{seed}"
+        started = (run / "config.json").stat().st_mtime
+        os.utime(run / "metrics.json", (started + wall, started + wall))
+    text, _ = write(tmp_path, res)
+    row = next(line for line in text.splitlines() if line.startswith("| cifar_resnet20 | gtsrb | finetune |"))
+    assert row.endswith("| 2.50 |"), row
+
+
 def test_validation_splits_section_reads_the_split_study(tmp_path):
     res = tmp_path / "bench-out"
     res.mkdir()
