@@ -205,7 +205,7 @@ def test_the_mean_lead_over_the_grid_is_judged_only_when_every_cell_has_every_se
     assert goals[name] == ("-0.05 (per backbone: cifar_resnet20 +0.10, cifar_resnet56 -0.20)", "met"), goals[name]
 
 
-def test_the_default_reports_the_bn_lr_it_chose_and_the_time_of_both_trainings_a_copy_its_candidates(tmp_path):
+def test_the_default_reports_the_bn_lr_it_chose_and_both_trainings_time_a_copied_candidate_its_own(tmp_path):
     res = tmp_path / "bench-out"
     _run_dir(res, "cifar_resnet20", "gtsrb", "finetune", 0, 0.97)
     run = res / "accuracy" / "runs" / "cifar_resnet20" / "gtsrb" / "piggyback-bn-s0"
@@ -237,6 +237,12 @@ def test_the_default_reports_the_bn_lr_it_chose_and_the_time_of_both_trainings_a
     copied = cells[("cifar_resnet20", "gtsrb", "piggyback-bn-bn3e-3", 0)]
     assert copied["copied"] and abs(copied["wall_seconds"] - 150) < 1  # the candidate's time from config to metrics
     assert not cells[("cifar_resnet20", "gtsrb", "piggyback-bn", 0)]["copied"]
+    summary = [{"backbone": "cifar_resnet20", "dataset": "gtsrb", "variant": v, "seeds": 1, "accuracy_mean": 97.0,
+                "accuracy_std": 0.0, "stored_bits_per_param": 0.8, "mask_density": 0.7}
+               for v in ("piggyback-bn", "piggyback-bn-bn3e-3")]
+    (res / "accuracy" / "accuracy.json").write_text(json.dumps({"summary": summary, "rows": []}))
+    frontier, _ = import_tool("write_benchmarks").section_frontier(res, cells, tmp_path / "img", tmp_path)
+    assert "`piggyback-bn-bn3e-3`: each run is one of the two candidates `piggyback-bn` trained" in frontier
 
 
 def test_minutes_per_run_are_the_median_so_one_contended_run_does_not_skew_them(tmp_path):

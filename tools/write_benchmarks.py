@@ -438,7 +438,6 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
         if chosen:
             text += [f"The per-task BN lr `{DEFAULT_RECIPE}` chose on validation: " + "; ".join(chosen)
                      + ". Its minutes per run count both trainings.", ""]
-
     else:
         text += ["No accuracy result yet.", ""]
     if missing:
