@@ -110,8 +110,9 @@ def dataset_key(data: str) -> str:
 def run_one(out: Path, backbone: str, data: str, variant: str, seed: int, args) -> dict:
     run_dir = out / "runs" / backbone / dataset_key(data) / run_dir_name(variant, seed)
     cfg = make_config(backbone, data, variant, seed, args)
-    if copy_candidate(cfg, run_dir) is not None:
-        print(f"  the same run as {runs.RunDir(run_dir).metrics()['copied_from']}: copied, not trained again",
+    source = copy_candidate(cfg, run_dir)
+    if source is not None:
+        print(f"  the same run as {source.relative_to(run_dir.parent).as_posix()}: copied, not trained again",
               flush=True)
     # reused only if trained with this config's settings (defaults may have changed since)
     return run_row(cfg, variant, run_dir, train_or_reuse(cfg, run_dir, progress=not args.quiet))
