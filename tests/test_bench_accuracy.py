@@ -51,6 +51,7 @@ def test_a_fixed_bn_lr_recipe_is_the_defaults_candidate_copied(resnet20_weights,
     log, result = bench(tmp_path / "a", "piggyback-bn", "piggyback-bn-head1e-2", "piggyback-bn-bn3e-3",
                         "piggyback-bn-bn5e-3")
     assert log.count("copied, not trained again") == 2  # BN lr 5e-3 is no candidate: trained
+    assert "the same run as piggyback-bn-s0/candidates/lr-bn-0.003: copied, not trained again" in log
     copied = RunDir(tmp_path / "a" / "runs" / "cifar_resnet20" / "tiny" / "piggyback-bn-head1e-2-s0")
     assert copied.config().task == copied.info()["task"]["name"] == "tiny-piggyback-bn-head1e-2-s0"
     assert copied.metrics()["copied_from"] == "piggyback-bn-s0/candidates/lr-bn-0.01"
@@ -95,8 +96,7 @@ def test_a_candidate_is_copied_only_where_it_matches_and_nothing_else_is_in_the_
                              cell / "piggyback-bn-head1e-2-s1") is None  # no default run of seed 1
     fast = ba.make_config("cifar_resnet20", "gtsrb", "piggyback-bn-head1e-2", 0, Args)
     run(cell / "piggyback-bn-head1e-2-s0", fast, finished=False)  # interrupted: the finished candidate wins
-    assert ba.copy_candidate(fast, cell / "piggyback-bn-head1e-2-s0") == \
-        cell / "piggyback-bn-s0" / "candidates" / "lr-bn-0.01"
+    assert ba.copy_candidate(fast, cell / "piggyback-bn-head1e-2-s0") == "piggyback-bn-s0/candidates/lr-bn-0.01"
     copied = RunDir(cell / "piggyback-bn-head1e-2-s0")
     assert copied.config().settings() == fast.settings() and copied.metrics()["task"] == fast.task
     assert ba.copy_candidate(fast, cell / "piggyback-bn-head1e-2-s0") is None  # done: nothing to copy

@@ -110,10 +110,9 @@ def dataset_key(data: str) -> str:
 def run_one(out: Path, backbone: str, data: str, variant: str, seed: int, args) -> dict:
     run_dir = out / "runs" / backbone / dataset_key(data) / run_dir_name(variant, seed)
     cfg = make_config(backbone, data, variant, seed, args)
-    source = copy_candidate(cfg, run_dir)
-    if source is not None:
-        print(f"  the same run as {source.relative_to(run_dir.parent).as_posix()}: copied, not trained again",
-              flush=True)
+    copied_from = copy_candidate(cfg, run_dir)
+    if copied_from is not None:
+        print(f"  the same run as {copied_from}: copied, not trained again", flush=True)
     # reused only if trained with this config's settings (defaults may have changed since)
     return run_row(cfg, variant, run_dir, train_or_reuse(cfg, run_dir, progress=not args.quiet))
 
@@ -122,11 +121,12 @@ def _settings_but_task(settings: dict | None) -> dict | None:
     return None if settings is None else {k: v for k, v in settings.items() if k != "task"}
 
 
-def copy_candidate(cfg: TrainConfig, run_dir: Path) -> Path | None:
+def copy_candidate(cfg: TrainConfig, run_dir: Path) -> str | None:
     """A recipe that trains one fixed BN lr (piggyback-bn-head1e-2, piggyback-bn-bn3e-3) is exactly one of
     the candidates the default (lr_bn auto) trained for the same cell and seed: the task name shapes no
     training. Copy that candidate, under this recipe's task name, instead of training it again (about 3
-    hours of `make bench`). Returns the candidate copied, None where there is none or the run is done."""
+    hours of `make bench`). Returns the candidate copied, as the copy's metrics record it (`copied_from`, relative
+    to the cell), None where there is none or the run is done."""
     if cfg.method != "piggyback" or cfg.lr_bn == "auto":
         return None
     want, stored = _settings_but_task(cfg.settings()), run_settings(run_dir)
@@ -151,7 +151,7 @@ def copy_candidate(cfg: TrainConfig, run_dir: Path) -> Path | None:
     atomic_write_json(staging / "metrics.json", {**metrics, "task": cfg.task, "copied_from": copied_from})
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished or stale run of this recipe
     staging.rename(run_dir)
-    return source
+    return copied_from
 
 
 def run_row(cfg: TrainConfig, variant: str, run_dir: Path, metrics: dict) -> dict:
