@@ -117,6 +117,9 @@ def backbones_cmd() -> None:
 @click.option("--average-epochs", type=int, default=None, metavar="N",
               help="Keep the mean of the last N epochs' task states (mask scores, head, BN; every weight for "
                    "finetune) instead of the epoch that scores best on validation.")
+@click.option("--warmup-epochs", type=int, default=0, show_default=True, metavar="N",
+              help="Train only the new head (and per-task BN) for the first N epochs; the mask scores "
+                   "(piggyback) or backbone weights (finetune) start after, on a cosine over the epochs left.")
 @click.option("--augment", type=click.Choice(["none", "crop", "crop+flip"]), default="crop", show_default=True,
               help="Training-time augmentation. crop: random shifts by up to 1/8 of the size; crop+flip: also "
                    "horizontal flips.")

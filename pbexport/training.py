@@ -26,7 +26,7 @@ from .taskmodel import METHODS, TaskModel, build_task_model
 # Head (and per-task BN) lr by method. Piggyback's 1e-2 beat 1e-3 and 3e-3 on the accuracy benchmark;
 # fine-tuning keeps 1e-3 (its head lr at 1e-2 is measured there too, as finetune-head1e-2).
 DEFAULT_LR_HEAD = {"piggyback": 1e-2, "classifier": 1e-3, "finetune": 1e-3}
-_UNUSED_SETTINGS = {"classifier": ("lr_mask", "mask_decay", "lr_backbone"),
+_UNUSED_SETTINGS = {"classifier": ("lr_mask", "mask_decay", "lr_backbone", "warmup_epochs"),
                     "finetune": ("lr_mask", "mask_decay", "lr_bn"),
                     "piggyback": ("lr_backbone",)}
 # --lr-bn auto trains the task once per per-task BN lr here (the same seed, so the same data and
@@ -65,6 +65,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     val_split: str = "random"  # a run from before --val-split had the random one
     average_epochs: int | None = None  # keep the mean of the last N epochs' task states; None: the best epoch
+    warmup_epochs: int = 0  # the first N epochs train only the head (and per-task BN): see scheduled_lr
     augment: str = "crop"
     input_size: int | None = None
     max_train_samples: int | None = None
@@ -83,6 +84,9 @@ class TrainConfig:
         if self.average_epochs is not None and not 1 <= self.average_epochs <= self.epochs:
             raise PbexportError(f"--average-epochs must be between 1 and --epochs ({self.epochs}), "
                                 f"got {self.average_epochs}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise PbexportError(f"--warmup-epochs must be at least 0 and below --epochs ({self.epochs}), "
+                                f"got {self.warmup_epochs}")
         if self.train_bn is None:
             self.train_bn = self.method == "piggyback"
         if self.lr_head is None:
@@ -127,6 +131,21 @@ class TrainConfig:
 
 def cosine_lr(base: float, step: int, total: int) -> float:
     return 0.5 * base * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+# The groups a warmup holds still: what adapts the backbone (mask scores, or every backbone weight).
+DELAYED_GROUPS = ("mask", "backbone")
+
+
+def scheduled_lr(group: str, base: float, step: int, total: int, warmup: int) -> float:
+    """The lr of parameter group ``group`` at ``step`` of ``total``: a cosine decay to 0 over the run,
+    except that the groups that adapt the backbone (DELAYED_GROUPS) wait for the first ``warmup`` steps,
+    while a fresh head (and per-task BN) settle, and then take their own cosine over the steps left."""
+    if group not in DELAYED_GROUPS:
+        return cosine_lr(base, step, total)
+    if step < warmup:
+        return 0.0
+    return cosine_lr(base, step - warmup, total - warmup)
 
 
 @torch.no_grad()
@@ -331,13 +350,19 @@ def _train_epoch(model, optimizer, train_set, cfg, epoch, steps_per_epoch, total
                        augmentation=cfg.augment, generator=generator),
                total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
                leave=False, dynamic_ncols=True)
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
     for x, y in bar:
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(group["base_lr"], step, total_steps)
+            group["lr"] = scheduled_lr(group["name"], group["base_lr"], step, total_steps, warmup_steps)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if step < warmup_steps:  # Adam skips a parameter without a gradient: its moments start after warmup
+            for group in optimizer.param_groups:
+                if group["name"] in DELAYED_GROUPS:
+                    for param in group["params"]:
+                        param.grad = None
         if cfg.mask_decay:
             _decay_toward_keep(optimizer, cfg.mask_decay)
         optimizer.step()

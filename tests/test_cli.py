@@ -75,6 +75,20 @@ def test_average_epochs_out_of_range(train_args, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_train_warmup_epochs(tmp_path, tiny_npz):
+    out = tmp_path / "run"
+    r = pbexport("train", "--backbone", "cifar_resnet20", "--data", tiny_npz, "--task", "tiny", "--out", out,
+                 "--epochs", "2", "--batch-size", "16", "--lr-bn", "1e-2", "--warmup-epochs", "1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "config.json").read_text())["config"]["warmup_epochs"] == 1
+
+
+def test_warmup_epochs_out_of_range(train_args, tmp_path):
+    assert_one_line_error(pbexport(*train_args, "--backbone", "cifar_resnet20", "--warmup-epochs", "1"),
+                          "--warmup-epochs must be at least 0 and below --epochs (1), got 1")
+    assert not (tmp_path / "run").exists()
+
+
 def test_bn_lr_is_a_number_or_auto(train_args, tmp_path):
     assert_one_line_error(pbexport(*train_args, "--backbone", "cifar_resnet20", "--lr-bn", "fast"),
                           "'fast' is neither a number nor 'auto'")

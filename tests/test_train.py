@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 from pbexport import PbexportError
 from pbexport.backbones import load_backbone
 from pbexport.data import ImageSet, split_validation
-from pbexport.runs import load_run
-from pbexport.taskmodel import build_task_model
-from pbexport.training import TrainConfig, evaluate, make_optimizer, train, train_or_reuse
+from pbexport.runs import RunDir, load_run
+from pbexport.taskmodel import SCORES_PREFIX, build_task_model
+from pbexport.training import TrainConfig, evaluate, make_optimizer, scheduled_lr, train, train_or_reuse
 
 ARCHS = [
     pytest.param("cifar_resnet20", id="cifar_resnet20"),
@@ -365,3 +365,53 @@ def test_average_epochs_bounds_and_old_configs():
     # a config stored before --average-epochs existed kept the best epoch, and reads back so (not stale)
     old = {k: v for k, v in cfg().to_dict().items() if k != "average_epochs"}
     assert TrainConfig.from_dict(old).settings() == cfg().settings()
+
+
+def test_scheduled_lr_holds_the_backbone_side_during_warmup():
+    total, warmup = 100, 20
+    for group in ("head", "bn"):  # a plain cosine over the whole run
+        assert [scheduled_lr(group, 1e-2, s, total, warmup) for s in (0, 50, 100)] == [1e-2, 0.5e-2, 0.0]
+    for group in ("mask", "backbone"):  # still until the warmup ends, then its own cosine over the rest
+        assert scheduled_lr(group, 1e-3, 0, total, warmup) == scheduled_lr(group, 1e-3, 19, total, warmup) == 0.0
+        assert scheduled_lr(group, 1e-3, 20, total, warmup) == 1e-3
+        assert scheduled_lr(group, 1e-3, 60, total, warmup) == pytest.approx(0.5e-3)
+        assert scheduled_lr(group, 1e-3, 100, total, warmup) == 0.0
+    assert scheduled_lr("mask", 1e-3, 0, total, 0) == 1e-3  # no warmup: the plain cosine
+
+
+@pytest.mark.parametrize("method", ["piggyback", "finetune"])
+def test_warmup_trains_only_the_head_and_bn_for_its_epochs(tmp_path, tiny_npz, method):
+    metrics = train(_cfg(tiny_npz, epochs=2, max_train_samples=None, method=method, warmup_epochs=1),
+                    tmp_path / "run", progress=False)
+    run = RunDir(tmp_path / "run")
+    after = [run.read_checkpoint(run.checkpoint_path(e))[0] for e in (1, 2)]
+    model = build_task_model(load_backbone("cifar_resnet20", None, 32), 3, method, method == "piggyback", 0)
+    start = model.task_state()  # what train starts from: the same seeded backbone and head
+
+    def changed(names, state):
+        return [k for k in names if not torch.equal(state[k], start[k])]
+    head = [k for k in start if k.startswith(model.head_name + ".")]
+    held = [k for k in start if k.startswith(SCORES_PREFIX) or (method == "finetune" and k.endswith("conv1.weight"))]
+    assert head and held
+    assert changed(head, after[0]) == head  # the head trains from the start
+    assert changed(held, after[0]) == []  # the backbone side waits for the warmup epoch
+    assert changed(held, after[1])  # and trains after it
+    if method == "piggyback":
+        assert metrics["epochs"][0]["mask_density"] == 1.0
+        assert changed([k for k in start if k.endswith("bn1.weight")], after[0])  # per-task BN trains in warmup
+
+
+def test_warmup_bounds_and_old_configs():
+    def cfg(**kw):
+        return TrainConfig(backbone="cifar_resnet20", data="synthetic:x", task="t", epochs=4, **kw)
+    for bad in (-1, 4, 5):
+        with pytest.raises(PbexportError, match=f"--warmup-epochs must be at least 0 and below --epochs \\(4\\), "
+                                                f"got {bad}"):
+            cfg(warmup_epochs=bad)
+    assert cfg(warmup_epochs=3).warmup_epochs == 3
+    # a config stored before --warmup-epochs existed trained without one, and reads back so (not stale)
+    old = {k: v for k, v in cfg().to_dict().items() if k != "warmup_epochs"}
+    assert TrainConfig.from_dict(old).settings() == cfg().settings()
+    # the classifier never trains the backbone side: a warmup does not change what it trains
+    classifier = TrainConfig(backbone="cifar_resnet20", data="synthetic:x", task="t", method="classifier")
+    assert "warmup_epochs" not in classifier.settings()

@@ -139,12 +139,14 @@ def test_equal_correct_counts_are_a_tie_not_a_float_rounding_miss(tmp_path):
     assert status == "met" and measured.startswith("+0.00 (97.76% vs finetune 97.76%"), (measured, status)
 
 
-def test_frontier_recipe_names_the_bn_lr_where_it_differs_from_the_head_lr_the_split_and_averaging(tmp_path):
+def test_frontier_recipe_names_the_bn_lr_where_it_differs_from_the_head_lr_the_split_averaging_and_warmup(tmp_path):
     write_benchmarks = import_tool("write_benchmarks")
     base = {"lr_mask": 3e-4, "mask_decay": 0.0, "augment": "crop", "lr_head": 1e-2, "epochs": 10, "val_fraction": 0.1}
     for name, config in {"old": base, "same": {**base, "lr_bn": 1e-2}, "slow-bn": {**base, "lr_bn": 3e-3},
                          "contiguous": {**base, "val_split": "contiguous"},
-                         "averaged": {**base, "val_split": "contiguous", "average_epochs": 3}}.items():
+                         "averaged": {**base, "val_split": "contiguous", "average_epochs": 3},
+                         "warm1": {**base, "warmup_epochs": 1}, "warm2": {**base, "warmup_epochs": 2},
+                         "warm0": {**base, "warmup_epochs": 0}}.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps({"config": config}))
     # a config stored before lr_bn and val_split existed: BN at the head lr, the random split
@@ -154,6 +156,9 @@ def test_frontier_recipe_names_the_bn_lr_where_it_differs_from_the_head_lr_the_s
     assert write_benchmarks._recipe(str(tmp_path / "contiguous")).endswith("10 epochs, validation 0.1 contiguous")
     assert write_benchmarks._recipe(str(tmp_path / "averaged")).endswith(
         "validation 0.1 contiguous, mean of the last 3 epochs")
+    assert write_benchmarks._recipe(str(tmp_path / "warm1")).endswith("validation 0.1 random, the mask waits 1 epoch")
+    assert write_benchmarks._recipe(str(tmp_path / "warm2")).endswith(", the mask waits 2 epochs")
+    assert write_benchmarks._recipe(str(tmp_path / "warm0")) == write_benchmarks._recipe(str(tmp_path / "old"))
 
 
 def test_a_missed_accuracy_goal_names_the_closest_recipe_and_what_it_costs_elsewhere(tmp_path):

@@ -53,7 +53,9 @@ VARIANTS = {"classifier": {"method": "classifier"}, "piggyback": {"method": "pig
 # fine-tuning without augmentation: "gap to fine-tune" compares with the strongest fine-tune
 EXTRA_FINETUNE = {"finetune-none": {"method": "finetune", "augment": "none"},
                   # fine-tuning with piggyback's faster head lr: is the baseline held back by its own?
-                  "finetune-head1e-2": {"method": "finetune", "lr_head": 1e-2}}
+                  "finetune-head1e-2": {"method": "finetune", "lr_head": 1e-2},
+                  # the backbone waits while the fresh head settles (linear probing, then fine-tuning)
+                  "finetune-warm1": {"method": "finetune", "warmup_epochs": 1}}
 # The storage frontier: the default recipe with another mask lr, mask decay, head or BN lr, augmentation or
 # epoch count. The recipes tried around the first default (head lr 1e-3) keep that head lr, so their runs
 # stay valid; the table names it. Each trains one fixed per-task BN lr (the head lr unless it names one),
@@ -72,7 +74,10 @@ FRONTIER_RECIPES = {"head1e-3": HEAD_1E3, "head3e-3": {"lr_head": 3e-3}, "head1e
                     # between the two BN lrs, and a faster head beside the slower BN
                     "bn5e-3": {"lr_bn": 5e-3}, "head3e-2-bn3e-3": {"lr_head": 3e-2, "lr_bn": 3e-3},
                     # GTSRB on ResNet-20 scored higher at each faster BN lr (3e-3, 5e-3, 1e-2): faster still?
-                    "bn3e-2": {"lr_bn": 3e-2}}
+                    "bn3e-2": {"lr_bn": 3e-2},
+                    # the mask waits an epoch while a fresh head and BN settle (--warmup-epochs 1): are some
+                    # flips made only to make up for a random head?
+                    "warm1": {"warmup_epochs": 1}}
 DEFAULT_SETTINGS = TrainConfig(backbone="-", data="-", task="-")  # what piggyback-bn trains with (lr_bn auto)
 FRONTIER = {f"piggyback-bn-{name}": {"method": "piggyback", "lr_bn": overrides.get("lr_head", DEFAULT_SETTINGS.lr_head),
                                       **overrides} for name, overrides in FRONTIER_RECIPES.items()}

@@ -738,7 +738,9 @@ def _recipe(run: str | None) -> str:
             f"augment {config.get('augment')}, head lr {config.get('lr_head'):g}{bn}, {config.get('epochs')} epochs, "
             # configs without val_split had the random split
             f"validation {config.get('val_fraction'):g} {config.get('val_split', 'random')}"
-            + (f", mean of the last {config['average_epochs']} epochs" if config.get("average_epochs") else ""))
+            + (f", mean of the last {config['average_epochs']} epochs" if config.get("average_epochs") else "")
+            + (f", the mask waits {config['warmup_epochs']} epoch{'s' if config['warmup_epochs'] > 1 else ''}"
+               if config.get("warmup_epochs") else ""))
 
 
 def _frontier_note(here: list[dict], ft: dict, fine_tunes: set[str]) -> str:
