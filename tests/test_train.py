@@ -384,8 +384,14 @@ def test_warmup_trains_only_the_head_and_bn_for_its_epochs(tmp_path, tiny_npz, m
     metrics = train(_cfg(tiny_npz, epochs=2, max_train_samples=None, method=method, warmup_epochs=1),
                     tmp_path / "run", progress=False)
     run = RunDir(tmp_path / "run")
-    after = [run.read_checkpoint(run.checkpoint_path(e))[0] for e in (1, 2)]
+    checkpoints = [run.read_checkpoint(run.checkpoint_path(e)) for e in (1, 2)]
+    after = [state for state, _, _ in checkpoints]
     model = build_task_model(load_backbone("cifar_resnet20", None, 32), 3, method, method == "piggyback", 0)
+    # Adam keeps no moments for the waiting parameters: they start fresh after the warmup
+    groups = model.trainable_groups()
+    waiting = sum(len(ps) for name, ps in groups.items() if name in ("mask", "backbone"))
+    assert waiting and len(checkpoints[0][1]["state"]) == sum(len(ps) for ps in groups.values()) - waiting
+    assert len(checkpoints[1][1]["state"]) == sum(len(ps) for ps in groups.values())
     start = model.task_state()  # what train starts from: the same seeded backbone and head
 
     def changed(names, state):
