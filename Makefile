@@ -30,15 +30,17 @@ lint: setup
 # Training, export, runtime and int8 take about 15 minutes on 2 cores; the accuracy benchmark runs last and
 # takes hours: 2 backbones x 2 datasets x 4 methods x 3 seeds, 10 epochs each (the default piggyback-bn
 # trains each task twice, to choose its BN lr); a cifar_resnet20 run takes 3-6 minutes on 2 cores, a
-# cifar_resnet56 run 11-17 minutes; --frontier adds 18 recipes x 2 datasets on cifar_resnet20 (about
-# 2.3 hours), and the fine-tune baselines at other settings (no augmentation, head lr 1e-2), which the
+# cifar_resnet56 run 11-17 minutes; --frontier adds 20 recipes x 2 datasets on cifar_resnet20 (about
+# 2.4 hours), and the fine-tune baselines at other settings (no augmentation, head lr 1e-2), which the
 # accuracy goal compares with, 12 more runs per backbone (about 4.3 hours); the recipes that
 # docs/TRAINING.md compares over 3 seeds get seeds 1 and 2, and run on cifar_resnet56 too (about 4 hours;
 # the fixed BN lrs 1e-2 and 3e-3 are copied from the default's BN-lr candidates, not trained again), and a
 # larger validation split and BN lr 3e-2 on cifar_resnet20 / GTSRB (about 45 minutes), and the default and
 # fine-tuning with a contiguous validation split on cifar_resnet20 (about 1.4 hours) and cifar_resnet56
 # (about 4 hours), and on cifar_resnet20's GTSRB keeping the mean of the last 3 epochs (about 45 minutes) and
-# the mask (fine-tuning: the backbone) waiting an epoch while the head settles (about 30 minutes):
+# the mask (fine-tuning: the backbone) waiting an epoch while the head settles (about 30 minutes), and Adam's
+# eps 1e-5 for the mask scores on both backbones and datasets, and beside BN lr 3e-3 on cifar_resnet20 (3 seeds;
+# about 2 hours):
 # about 25 hours in all (the grid about 7; run times measured on 2 cores), and the studies below about 50
 # minutes more
 # (BENCHMARKS.md estimates what is left from the runs that finished). tools/split_study.py counts the validation
@@ -72,6 +74,8 @@ bench: setup
 		--variants piggyback-bn-contig-avg3 finetune-contig-avg3
 	$(BIN)/python tools/bench_accuracy.py --quiet --backbones cifar_resnet20 --datasets gtsrb \
 		--variants piggyback-bn-warm1 finetune-warm1
+	$(BIN)/python tools/bench_accuracy.py --quiet --variants piggyback-bn-eps1e-5
+	$(BIN)/python tools/bench_accuracy.py --quiet --backbones cifar_resnet20 --variants piggyback-bn-bn3e-3-eps1e-5
 	$(BIN)/python tools/split_study.py
 	$(BIN)/python tools/selection_study.py
 	$(BIN)/python tools/posthoc_study.py --backbones cifar_resnet20

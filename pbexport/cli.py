@@ -105,6 +105,9 @@ def backbones_cmd() -> None:
 @click.option("--lr-backbone", type=float, default=1e-3, show_default=True, help="Adam lr of all weights (finetune).")
 @click.option("--mask-decay", type=float, default=0.0, show_default=True,
               help="Pull switched-off mask scores back toward keep: fewer flips, fewer stored bits.")
+@click.option("--mask-eps", type=float, default=1e-8, show_default=True,
+              help="Adam's epsilon for the mask scores. Larger (1e-5): scores whose gradients are weaker than "
+                   "it move slower, so fewer weights are switched off and the mask stores in fewer bits.")
 @click.option("--train-bn/--no-train-bn", default=None,
               help="Learn per-task BatchNorm (affine + statistics). Default: on for piggyback, off for classifier.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -232,6 +232,28 @@ def test_mask_decay_holds_weights_switched_on(tmp_path, tiny_npz):
         _cfg(tiny_npz, mask_decay=-1e-5)
 
 
+def test_mask_eps_slows_only_the_mask_scores(tmp_path, tiny_npz):
+    # Adam moves a score by about lr * g / (rms(g) + eps): an eps far above any score gradient here (1.0)
+    # leaves every score where it started, where Adam's default lets them cross the threshold
+    free = train(_cfg(tiny_npz, epochs=2, max_train_samples=None, lr_mask=3e-3), tmp_path / "free", progress=False)
+    held = train(_cfg(tiny_npz, epochs=2, max_train_samples=None, lr_mask=3e-3, mask_eps=1.0), tmp_path / "held",
+                 progress=False)
+    assert free["mask_density"] < 0.99
+    assert held["mask_density"] == 1.0
+    cfg = _cfg(tiny_npz, mask_eps=1e-5)
+    model = build_task_model(load_backbone("cifar_resnet20", None, 32), 2, "piggyback", True, 0)
+    eps = {g["name"]: g["eps"] for g in make_optimizer(model, cfg).param_groups}
+    assert eps == {"head": 1e-8, "mask": 1e-5, "bn": 1e-8}  # the head and BN keep Adam's default
+    for bad in (0.0, -1e-5):
+        with pytest.raises(PbexportError, match=f"--mask-eps must be positive, got {bad}"):
+            _cfg(tiny_npz, mask_eps=bad)
+    # a config stored before --mask-eps existed trained at Adam's default, and reads back so (not stale)
+    old = {k: v for k, v in _cfg(tiny_npz).to_dict().items() if k != "mask_eps"}
+    assert TrainConfig.from_dict(old).settings() == _cfg(tiny_npz).settings()
+    for method in ("classifier", "finetune"):  # no mask scores: the setting shapes nothing there
+        assert "mask_eps" not in _cfg(tiny_npz, method=method).settings()
+
+
 def _state(run_dir):
     return load_file(str(run_dir / "model.safetensors"))
 

@@ -77,7 +77,11 @@ FRONTIER_RECIPES = {"head1e-3": HEAD_1E3, "head3e-3": {"lr_head": 3e-3}, "head1e
                     "bn3e-2": {"lr_bn": 3e-2},
                     # the mask waits an epoch while a fresh head and BN settle (--warmup-epochs 1): are some
                     # flips made only to make up for a random head?
-                    "warm1": {"warmup_epochs": 1}}
+                    "warm1": {"warmup_epochs": 1},
+                    # Adam's eps for the scores at 1e-5: only the scores with strong gradients flip at full speed
+                    "eps1e-5": {"mask_eps": 1e-5},
+                    # ... beside the slower BN: the other candidate the default chooses between
+                    "bn3e-3-eps1e-5": {"lr_bn": 3e-3, "mask_eps": 1e-5}}
 DEFAULT_SETTINGS = TrainConfig(backbone="-", data="-", task="-")  # what piggyback-bn trains with (lr_bn auto)
 FRONTIER = {f"piggyback-bn-{name}": {"method": "piggyback", "lr_bn": overrides.get("lr_head", DEFAULT_SETTINGS.lr_head),
                                       **overrides} for name, overrides in FRONTIER_RECIPES.items()}
