@@ -39,12 +39,13 @@ lint: setup
 # fine-tuning with a contiguous validation split on cifar_resnet20 (about 1.4 hours) and cifar_resnet56
 # (about 4 hours), and on cifar_resnet20's GTSRB keeping the mean of the last 3 epochs (about 45 minutes) and
 # the mask (fine-tuning: the backbone) waiting an epoch while the head settles (about 30 minutes), and Adam's
-# eps 1e-5 for the mask scores on both backbones and datasets, and beside BN lr 3e-3 on cifar_resnet20 (3 seeds;
-# about 2 hours):
-# about 25 hours in all (the grid about 7; run times measured on 2 cores), and the studies below about 50
+# eps for the mask scores, 1e-5 and 3e-6 on cifar_resnet20 (3 seeds), and on cifar_resnet56 / GTSRB 1e-5 (1 seed)
+# and 3e-6 (3 seeds; its score gradients are weaker) (about 1.9 hours):
+# about 27 hours in all (the grid about 7; run times measured on 2 cores), and the studies below about 50
 # minutes more
 # (BENCHMARKS.md estimates what is left from the runs that finished). tools/split_study.py counts the validation
-# images with a near copy in training, per split (seconds, no training); tools/selection_study.py then checks the
+# images with a near copy in training, per split (seconds, no training); tools/score_gradients.py measures the mask
+# scores' gradients at the start, the scale --mask-eps compares with (seconds); tools/selection_study.py then checks the
 # choices made on the validation split against the kept checkpoints (about 20 minutes, no training), and
 # tools/posthoc_study.py applies levers after training (precise BN, averaged epochs, the BN-lr choice on
 # shifted validation images) to the cifar_resnet20 runs (about 30 minutes, no training).
@@ -74,9 +75,13 @@ bench: setup
 		--variants piggyback-bn-contig-avg3 finetune-contig-avg3
 	$(BIN)/python tools/bench_accuracy.py --quiet --backbones cifar_resnet20 --datasets gtsrb \
 		--variants piggyback-bn-warm1 finetune-warm1
-	$(BIN)/python tools/bench_accuracy.py --quiet --variants piggyback-bn-eps1e-5
-	$(BIN)/python tools/bench_accuracy.py --quiet --backbones cifar_resnet20 --variants piggyback-bn-bn3e-3-eps1e-5
+	$(BIN)/python tools/bench_accuracy.py --quiet --backbones cifar_resnet20 --variants piggyback-bn-eps1e-5 \
+		piggyback-bn-eps3e-6
+	$(BIN)/python tools/bench_accuracy.py --quiet --backbones cifar_resnet56 --datasets gtsrb \
+		--variants piggyback-bn-eps1e-5 --seeds 0
+	$(BIN)/python tools/bench_accuracy.py --quiet --backbones cifar_resnet56 --datasets gtsrb --variants piggyback-bn-eps3e-6
 	$(BIN)/python tools/split_study.py
+	$(BIN)/python tools/score_gradients.py
 	$(BIN)/python tools/selection_study.py
 	$(BIN)/python tools/posthoc_study.py --backbones cifar_resnet20
 	$(BIN)/python tools/write_benchmarks.py

@@ -197,6 +197,8 @@ def make_optimizer(model: TaskModel, cfg: TrainConfig) -> torch.optim.Adam:
     a score by about lr * g / (rms(g) + eps) a step, so at the default 1e-8 every score with a steady
     gradient sign flips within ~17 steps however weak its gradient; a larger eps slows only the scores
     whose gradients are weaker than eps, so fewer flip and the mask stores in fewer bits."""
+    if cfg.lr_bn == AUTO:
+        raise ValueError("lr_bn='auto' trains one run per BN lr: make the optimizer of each of cfg.bn_candidates()")
     lrs = {"head": cfg.lr_head, "bn": cfg.lr_bn, "mask": cfg.lr_mask, "backbone": cfg.lr_backbone}
     groups = [{"params": ps, "lr": lrs[name], "base_lr": lrs[name], "name": name}
               | ({"eps": cfg.mask_eps} if name == "mask" else {})

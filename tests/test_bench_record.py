@@ -125,3 +125,54 @@ def test_a_run_without_weights_or_recorded_figures_is_named(resnet20_weights, ti
     (run / "bench-storage.json").unlink()
     again = _bench(tmp_path / "accuracy", tiny_npz)
     assert again.returncode != 0 and f"{run}: no weights and no bench-storage.json" in again.stderr
+
+
+def test_a_smaller_live_bundle_keeps_the_recorded_tasks_it_lacks():
+    record = import_tool("benchlib")
+
+    def info(fingerprint, **sizes):
+        return {"backbone": {"fingerprint": fingerprint}, "manifest_size": 100,
+                "total_size": 1000 + 100 + sum(sizes.values()), "tasks": {n: {"size": s} for n, s in sizes.items()}}
+
+    recorded = info("f", a=10, b=20)
+    live = info("f", b=25, c=30)  # a new checkout repacked b and added c; a has no weights there
+    merged = record.merge_recorded_tasks(live, recorded)
+    assert merged["tasks"] == {"a": {"size": 10}, "b": {"size": 25}, "c": {"size": 30}}  # the live b wins
+    assert merged["total_size"] == live["total_size"] + 10 and merged[record.CARRIED] == ["a"]
+    # merged again later, a stays carried and nothing is counted twice
+    again = record.merge_recorded_tasks(info("f", c=30), merged)
+    assert again["tasks"].keys() == {"a", "b", "c"} and again[record.CARRIED] == ["a", "b"]
+    assert again["total_size"] == 1000 + 100 + 30 + 10 + 25
+    assert record.merge_recorded_tasks(live, info("other", a=10)) == live  # another backbone: nothing carried
+    assert record.merge_recorded_tasks(live, None) == live
+    assert record.merge_recorded_tasks(live, info("f", b=20)) == live  # nothing missing: the live info as it is
+
+
+def test_a_live_bundle_is_reported_and_saved_with_the_recorded_tasks_it_lacks(tiny_npz, tmp_path):
+    from pbexport import load_bundle, pack_runs
+    from pbexport.training import TrainConfig, train
+
+    record = import_tool("bench_record")
+    results = tmp_path / "bench-out"
+    run = results / "accuracy" / "runs" / "cifar_resnet20" / "tiny" / "piggyback-bn-s0"
+    train(TrainConfig(backbone="cifar_resnet20", data=str(tiny_npz), task="tiny-piggyback-bn-s0", epochs=1,
+                      batch_size=8, lr_bn=1e-2), run, progress=False)
+    bundle = results / "accuracy" / "bundles" / "cifar_resnet20"
+    pack_runs([run], bundle)
+    live = load_bundle(bundle).info()
+    earlier = {**live, "tasks": {"tiny-old-s0": {**live["tasks"]["tiny-piggyback-bn-s0"], "size": 1234}}}
+    for task in earlier["tasks"].values():
+        task.pop("layers", None)
+    # restored beside the live bundle, as a new checkout has it: the earlier checkout's bundle held another task
+    (bundle.parent / "cifar_resnet20.info.json").write_text(json.dumps(earlier))
+    storage = _report(results, tmp_path).split("## Storage", 1)[1].split("\n## ", 1)[0]
+    assert "| tiny-piggyback-bn-s0 |" in storage and "| tiny-old-s0 |" in storage
+    assert "1 of its tasks as recorded from an earlier checkout's bundle" in storage
+
+    (tmp_path / "bench-record" / "accuracy" / "bundles").mkdir(parents=True)
+    (tmp_path / "bench-record" / "accuracy" / "bundles" / "cifar_resnet20.info.json").write_text(json.dumps(earlier))
+    record.save(results, tmp_path / "bench-record")
+    saved = json.loads((tmp_path / "bench-record" / "accuracy" / "bundles" / "cifar_resnet20.info.json").read_text())
+    assert list(saved["tasks"]) == ["tiny-old-s0", "tiny-piggyback-bn-s0"]
+    assert saved[import_tool("benchlib").CARRIED] == ["tiny-old-s0"]
+    assert saved["total_size"] == live["total_size"] + 1234

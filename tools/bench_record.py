@@ -9,7 +9,8 @@ per epoch per run). What BENCHMARKS.md is written from is small, and `save` copi
 - each finished accuracy run's config.json, metrics.json and bench-storage.json (its bytes per task and
   stored bits, as bench_accuracy.py measured them), and those of its BN-lr candidates; never checkpoints,
   and nothing of a run that has not finished;
-- each bundle's `pbexport info` (without the per-layer tables), as BUNDLE.info.json.
+- each bundle's `pbexport info` (without the per-layer tables), as BUNDLE.info.json, keeping the recorded tasks
+  a bundle packed in a newer checkout lacks (merge_recorded_tasks).
 
 bench-record/index.json keeps each file's sha256 and modification time: the report dates results and times
 runs by them, and git does not keep them. `restore` copies into bench-out/ what it lacks (a file bench-out
@@ -29,6 +30,7 @@ import os
 import sys
 from pathlib import Path
 
+from benchlib import merge_recorded_tasks
 from pbexport.fileio import atomic_write_bytes, atomic_write_json
 
 INDEX = "index.json"
@@ -66,8 +68,9 @@ def light_files(results: Path) -> list[Path]:
     return kept
 
 
-def bundle_infos(results: Path) -> dict[Path, tuple[bytes, float]]:
-    """{BUNDLE.info.json path relative to results: (its JSON, the manifest's time)} for every bundle."""
+def bundle_infos(results: Path, record: Path | None = None) -> dict[Path, tuple[bytes, float]]:
+    """{BUNDLE.info.json path relative to results: (its JSON, the manifest's time)} for every bundle, with the
+    tasks of its info in ``record`` that it lacks (merge_recorded_tasks)."""
     from pbexport import PbexportError, load_bundle
 
     out = {}
@@ -80,6 +83,8 @@ def bundle_infos(results: Path) -> dict[Path, tuple[bytes, float]]:
         for task in info["tasks"].values():
             task.pop("layers", None)  # per-layer tables: `pbexport info BUNDLE` on a live bundle has them
         rel = bundle.relative_to(results).with_name(bundle.name + INFO_SUFFIX)
+        if record is not None and (record / rel).is_file():
+            info = merge_recorded_tasks(info, json.loads((record / rel).read_text()))
         out[rel] = ((json.dumps(info, indent=2) + "\n").encode(), (bundle / "manifest.json").stat().st_mtime)
     return out
 
@@ -100,7 +105,7 @@ def save(results: Path, record: Path) -> dict[str, int]:
         raise SystemExit(f"error: {results}: no results to save")
     index = read_index(record)
     found = {p.relative_to(results): (p.read_bytes(), p.stat().st_mtime) for p in light_files(results)}
-    found.update(bundle_infos(results))  # a live bundle's info replaces one restored beside it
+    found.update(bundle_infos(results, record))  # a live bundle's info replaces one restored beside it
     counts = {"new": 0, "changed": 0, "unchanged": 0}
     for rel, (data, mtime) in sorted(found.items()):
         key = rel.as_posix()

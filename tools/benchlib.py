@@ -52,3 +52,23 @@ def split_rows(datasets: dict) -> list[list]:
     return [[dataset, split, images, 100 * sum(shares) / len(shares), " ".join(f"{100 * x:.1f}" for x in shares)]
             for dataset, by_split in datasets.items() for split, by_images in by_split.items()
             for images, shares in by_images.items()]
+
+
+CARRIED = "tasks_carried_from_record"  # in a saved bundle info: the tasks kept from the recorded info
+
+
+def merge_recorded_tasks(live: dict, recorded: dict | None) -> dict:
+    """A live bundle's info, with the tasks of the recorded info of the same bundle that it lacks carried over.
+
+    A new checkout packs only the runs it has weights for, so its bundle holds fewer tasks than the one recorded
+    before; saved as it is, its info would drop the tasks measured earlier. A task's figures (its file's size,
+    masks, entropy) depend on its task file and the backbone alone, so the tasks of a recorded info on the same
+    backbone (fingerprint) stay, named in CARRIED, and count in ``total_size``; a live task replaces a recorded
+    one of its name. On another backbone nothing is carried."""
+    if not recorded or recorded["backbone"]["fingerprint"] != live["backbone"]["fingerprint"]:
+        return live
+    carried = {name: t for name, t in recorded["tasks"].items() if name not in live["tasks"]}
+    if not carried:
+        return live
+    return {**live, "tasks": {**carried, **live["tasks"]},
+            "total_size": live["total_size"] + sum(t["size"] for t in carried.values()), CARRIED: sorted(carried)}

@@ -47,7 +47,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-from benchlib import SPLIT_HEADERS, has_weights, parse_run_dir_name, points_difference, split_rows  # noqa: E402  (tools/, torch-free)
+from benchlib import (  # noqa: E402  (tools/, torch-free)
+    CARRIED,
+    SPLIT_HEADERS,
+    has_weights,
+    merge_recorded_tasks,
+    parse_run_dir_name,
+    points_difference,
+    split_rows,
+)
 from pbexport.fileio import atomic_write_json  # noqa: E402  (torch-free)
 
 # the grid `make bench` runs with tools/bench_accuracy.py's defaults
@@ -666,12 +674,17 @@ def section_storage(results: Path, cells: dict, img_dir: Path, out_dir: Path) ->
         live = (b / "manifest.json").exists()
         try:
             info = load_bundle(b).info() if live else json.loads(recorded_info(b).read_text())
+            if live and recorded_info(b).is_file():  # a newer checkout's bundle lacks the tasks measured before
+                info = merge_recorded_tasks(info, json.loads(recorded_info(b).read_text()))
         except Exception as exc:  # a bundle being rewritten, or damaged: report, do not guess
             text += [f"`{b}`: cannot be read ({exc}).", ""]
             continue
         rows = bundle_rows(info)
         origin = "bench_accuracy.py" if "accuracy" in b.parts else "bench_int8.py"
         when = mtime(b / "manifest.json") if live else f"{mtime(recorded_info(b))}, as recorded: the bundle is gone"
+        if info.get(CARRIED):
+            when += (f"; {len(info[CARRIED])} of its tasks as recorded from an earlier checkout's bundle, whose "
+                     "runs have no weights here")
         text += [f"### {info['backbone']['name']}: `{b}` ({origin}, {when})", "",
                  f"Backbone file {info['backbone']['size']:,} B, {info['backbone']['masked_params']:,} masked "
                  f"parameters (1 bit each = {math.ceil(info['backbone']['masked_params'] / 8):,} B); manifest "
