@@ -128,7 +128,7 @@ def test_a_run_without_weights_or_recorded_figures_is_named(resnet20_weights, ti
 
 
 def test_a_smaller_live_bundle_keeps_the_recorded_tasks_it_lacks():
-    record = import_tool("benchlib")
+    benchlib = import_tool("benchlib")
 
     def info(fingerprint, **sizes):
         return {"backbone": {"fingerprint": fingerprint}, "manifest_size": 100,
@@ -136,16 +136,16 @@ def test_a_smaller_live_bundle_keeps_the_recorded_tasks_it_lacks():
 
     recorded = info("f", a=10, b=20)
     live = info("f", b=25, c=30)  # a new checkout repacked b and added c; a has no weights there
-    merged = record.merge_recorded_tasks(live, recorded)
+    merged = benchlib.merge_recorded_tasks(live, recorded)
     assert merged["tasks"] == {"a": {"size": 10}, "b": {"size": 25}, "c": {"size": 30}}  # the live b wins
-    assert merged["total_size"] == live["total_size"] + 10 and merged[record.CARRIED] == ["a"]
+    assert merged["total_size"] == live["total_size"] + 10 and merged[benchlib.CARRIED] == ["a"]
     # merged again later, a stays carried and nothing is counted twice
-    again = record.merge_recorded_tasks(info("f", c=30), merged)
-    assert again["tasks"].keys() == {"a", "b", "c"} and again[record.CARRIED] == ["a", "b"]
+    again = benchlib.merge_recorded_tasks(info("f", c=30), merged)
+    assert again["tasks"].keys() == {"a", "b", "c"} and again[benchlib.CARRIED] == ["a", "b"]
     assert again["total_size"] == 1000 + 100 + 30 + 10 + 25
-    assert record.merge_recorded_tasks(live, info("other", a=10)) == live  # another backbone: nothing carried
-    assert record.merge_recorded_tasks(live, None) == live
-    assert record.merge_recorded_tasks(live, info("f", b=20)) == live  # nothing missing: the live info as it is
+    assert benchlib.merge_recorded_tasks(live, info("other", a=10)) == live  # another backbone: nothing carried
+    assert benchlib.merge_recorded_tasks(live, None) == live
+    assert benchlib.merge_recorded_tasks(live, info("f", b=20)) == live  # nothing missing: the live info as it is
 
 
 def test_a_live_bundle_is_reported_and_saved_with_the_recorded_tasks_it_lacks(tiny_npz, tmp_path):

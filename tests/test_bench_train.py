@@ -1,5 +1,4 @@
 import pytest
-import torch
 from conftest import import_tool
 
 from pbexport.backbones import load_backbone
@@ -22,4 +21,4 @@ def test_the_optimizer_needs_a_bn_lr_not_auto():
         make_optimizer(model, cfg)
     groups = make_optimizer(model, cfg.bn_candidates()[1]).param_groups
     assert {g["name"]: g["lr"] for g in groups}["bn"] == 3e-3
-    assert all(isinstance(g["lr"], float) for g in groups) and torch.is_tensor(groups[0]["params"][0])
+    assert all(isinstance(g["lr"], float) for g in groups)

@@ -89,6 +89,12 @@ def test_warmup_epochs_out_of_range(train_args, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_mask_eps_must_be_positive(train_args, tmp_path):
+    assert_one_line_error(pbexport(*train_args, "--backbone", "cifar_resnet20", "--mask-eps", "0"),
+                          "--mask-eps must be positive, got 0.0")
+    assert not (tmp_path / "run").exists()
+
+
 def test_bn_lr_is_a_number_or_auto(train_args, tmp_path):
     assert_one_line_error(pbexport(*train_args, "--backbone", "cifar_resnet20", "--lr-bn", "fast"),
                           "'fast' is neither a number nor 'auto'")

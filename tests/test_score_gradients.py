@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 from conftest import import_tool
 
 from pbexport import masking
@@ -23,3 +24,10 @@ def test_score_gradients_measure_every_mask_score_and_the_share_above_each_eps(t
     shares = result["share_above"]
     assert shares["0.0"] == (rms > 0).mean() and shares["1.0"] == 0.0  # no score gradient is that strong
     assert result["quantiles"] == sorted(result["quantiles"]) and np.isclose(result["quantiles"][1], np.median(rms))
+
+
+def test_score_gradients_refuse_no_batches(capsys):
+    tool = import_tool("score_gradients")
+    with pytest.raises(SystemExit) as exc:
+        tool.main(["--batches", "0"])
+    assert exc.value.code == 2 and "--batches must be at least 1, got 0" in capsys.readouterr().err

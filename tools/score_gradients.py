@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eps", nargs="+", type=float, default=[1e-5, 3e-6])
     parser.add_argument("--out", default="bench-out/score-gradients.json")
     args = parser.parse_args(argv)
+    if args.batches < 1:
+        parser.error(f"--batches must be at least 1, got {args.batches}")
     rows, results = [], []
     for backbone in args.backbones:
         for data in args.datasets:
