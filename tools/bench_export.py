@@ -6,8 +6,8 @@ BN), pack them into a bundle, export all three modes (plus the plain backbone gr
 - disk bytes per mode for N = 1, 3, 10 tasks, and the shared-mode bound
   backbone data + N x 1.1 bit per masked parameter + the tasks' heads (+ per-task BN);
 - CPU latency at batch 1 and 32: onnxruntime, --threads intra-op threads, every session created up
-  front and run round-robin (plain, plain without NCHWc, baked, shared, multitask through its
-  adapter and with its tensors fed as inputs), median of --repeats runs each;
+  front and run in --repeats interleaved rounds, each in a fresh random order (plain, plain without
+  NCHWc, baked, shared, multitask through its adapter and with its tensors fed as inputs), medians;
 - session creation time and resident memory with all N tasks loaded at once (each in a fresh
   subprocess: N baked sessions, N shared sessions, or one multitask session + N adapters).
 
@@ -121,19 +121,29 @@ def sessions_for(paths: dict[str, Path], plain: Path, task: str, threads: int) -
 
 
 def latency(sessions: dict, size: int, batch: int, repeats: int, clock=time.perf_counter,
-            inner: int = 5) -> dict[str, dict]:
+            inner: int = 5, settle_s: float = 0.05) -> dict[str, dict]:
     """Median and min seconds per graph, and the median over rounds of its time / the plain graph's time
     in the same round (robust to slow drifts in what else the machine runs). In a round each graph runs
     ``inner`` times back to back and counts the median of those, so one scheduler hiccup does not decide
-    a round's ratio."""
-    x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
+    a round's ratio. onnxruntime's worker threads spin a while after a run, so a graph timed right after
+    another shares the cores with that session's threads: each graph's turn starts with a pause
+    (``settle_s``, when those threads go idle) and two untimed runs, and each round takes the graphs in a
+    fresh random order. Without the pause, cifar_resnet56 at batch 1 timed a median ~1.3x its minimum and
+    ratios of identical kernels swung 0.73-1.06; with it, within 5% and 0.98-1.00 (two runs each)."""
+    rng = np.random.default_rng(0)
+    x = rng.random((batch, 3, size, size), dtype=np.float32)
     runs = {k: v for k, v in sessions.items() if not k.startswith("_")}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for sess, feeds, ro in runs.values():  # warm-up
         for _ in range(2):
             sess.run(None, {"image": x, **feeds}, ro)
+    names = list(runs)
     for _ in range(repeats):
-        for k, (sess, feeds, ro) in runs.items():
+        for k in rng.permutation(names):
+            sess, feeds, ro = runs[k]
+            time.sleep(settle_s)
+            for _ in range(2):
+                sess.run(None, {"image": x, **feeds}, ro)
             samples = []
             for _ in range(inner):
                 t = clock()

@@ -986,11 +986,12 @@ def section_export(results: Path, img_dir: Path, out_dir: Path) -> tuple[str, li
     text = ["## Export: latency, disk, session creation and memory per mode",
             "",
             "Per backbone: tiny tasks (1 step on random images) packed and exported in the three modes plus the plain "
-            "backbone graph. Latency: onnxruntime on the CPU, every session created up front and run round-robin in "
-            "interleaved rounds; median per graph, and \"x plain\" = median over rounds of (graph time / plain graph "
-            "time in the same round). \"x no-NCHWc\" compares with the plain graph run without onnxruntime's NCHWc "
-            "convolutions (the kernels the multitask graph can use). Disk: bytes on disk of each mode's files. Memory "
-            "and session creation: each mode's N tasks loaded at once in a fresh process.",
+            "backbone graph. Latency: onnxruntime on the CPU, every session created up front and run in interleaved "
+            "rounds, each in a fresh random order, each graph's turn after a 50 ms pause (the previous session's "
+            "spinning threads go idle) and two untimed runs; median per graph, and \"x plain\" = median over rounds "
+            "of (graph time / plain graph time in the same round). \"x no-NCHWc\" compares with the plain graph run "
+            "without onnxruntime's NCHWc convolutions (the kernels the multitask graph can use). Disk: bytes on disk "
+            "of each mode's files. Memory and session creation: each mode's N tasks loaded at once in a fresh process.",
             ""]
     goals = []
     if not files:
