@@ -6,7 +6,6 @@ import os
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 from conftest import REPO, import_tool
 
@@ -297,36 +296,3 @@ def test_a_missed_frontier_names_the_most_accurate_recipe_within_the_bit_budget(
                                               {"finetune-contig"})
     assert reached.startswith("reached by a recipe beside the default: piggyback-bn-x, 0.790 bits, fine-tune lead "
                               "-0.03"), reached
-
-
-def test_the_three_task_bundle_packs_the_default_first_then_any_mask_recipe_with_weights(tmp_path, monkeypatch):
-    import pbexport
-
-    wb = import_tool("write_benchmarks")
-    cells = {}
-    for variant, dataset, seed, weights in [("piggyback-bn", "gtsrb", 0, False),  # restored: no weights
-                                            ("piggyback-bn", "mnist", 1, True), ("finetune", "gtsrb", 0, True),
-                                            ("piggyback-bn-eps1e-5", "mnist", 0, True),
-                                            ("piggyback-bn-head1e-3", "gtsrb", 0, True),
-                                            ("piggyback-bn-head1e-3", "gtsrb", 1, True),
-                                            ("piggyback", "gtsrb", 2, True)]:
-        run = tmp_path / variant / f"{dataset}-s{seed}"
-        run.mkdir(parents=True)
-        (run / "metrics.json").write_text("{}")
-        if weights:
-            (run / "model.safetensors").write_text("w")
-        cells[("cifar_resnet20", dataset, variant, seed)] = {
-            "variant": variant, "dataset": dataset, "seed": seed, "run": str(run),
-            "method": "finetune" if variant == "finetune" else "piggyback"}
-    packed = []
-
-    def pack_runs(runs, out):
-        packed.extend(Path(r).relative_to(tmp_path).as_posix() for r in runs)
-        raise pbexport.PbexportError("stop here")
-
-    monkeypatch.setattr(pbexport, "pack_runs", pack_runs)
-    info, runs, why = wb.three_task_bundle(cells, tmp_path / "results")
-    assert info is None and "stop here" in why
-    # the default's run, piggyback's, then the other recipes' by seed and dataset: never a fine-tune, nor a run
-    # without weights
-    assert packed == ["piggyback-bn/mnist-s1", "piggyback/gtsrb-s2", "piggyback-bn-head1e-3/gtsrb-s0"]

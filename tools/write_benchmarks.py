@@ -606,15 +606,13 @@ THREE_TASK = "three-task.json"  # the 3-task bundle's measurement, for when the 
 
 
 def three_task_bundle(cells: dict, results: Path) -> tuple[dict | None, list[str], str]:
-    """Pack 3 finished cifar_resnet20 mask runs into a temporary bundle; (info, task names, why not): the
-    default recipe's first, then piggyback's, then any other mask recipe's (a checkout whose default runs were
-    restored without weights may have trained only frontier recipes). The measurement is kept in
-    results/three-task.json and read back from there while fewer than 3 runs have their weights (runs
-    restored from bench-record/ have none)."""
+    """Pack 3 finished cifar_resnet20 mask runs into a temporary bundle; (info, task names, why not). The
+    measurement is kept in results/three-task.json and read back from there while fewer than 3 runs have
+    their weights (runs restored from bench-record/ have none)."""
     order = {DEFAULT_RECIPE: 0, "piggyback": 1}
-    runs = sorted((r for k, r in cells.items() if k[0] == "cifar_resnet20" and r.get("method") == "piggyback"
-                   and r.get("run") and (Path(r["run"]) / "metrics.json").exists() and has_weights(r["run"])),
-                  key=lambda r: (order.get(r["variant"], 2), r["seed"], r["dataset"], r["variant"]))[:3]
+    runs = sorted((r for k, r in cells.items() if k[0] == "cifar_resnet20" and k[2] in order and r.get("run")
+                   and (Path(r["run"]) / "metrics.json").exists() and has_weights(r["run"])),
+                  key=lambda r: (order[r["variant"]], r["seed"], r["dataset"]))[:3]
     if len(runs) < 3:
         kept = read_json(results / THREE_TASK)
         if kept:
