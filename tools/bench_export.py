@@ -129,20 +129,17 @@ def latency(sessions: dict, size: int, batch: int, repeats: int, clock=time.perf
     another shares the cores with that session's threads: each graph's turn starts with a pause
     (``settle_s``, when those threads go idle) and two untimed runs, and each round takes the graphs in a
     fresh random order. Without the pause, cifar_resnet56 at batch 1 timed a median ~1.3x its minimum and
-    ratios of identical kernels swung 0.73-1.06; with it, within 5% and 0.98-1.00 (two runs each)."""
+    ratios of identical kernels swung 0.73-1.06; with it, within 5% and 0.98-1.01 (three runs)."""
     rng = np.random.default_rng(0)
     x = rng.random((batch, 3, size, size), dtype=np.float32)
     runs = {k: v for k, v in sessions.items() if not k.startswith("_")}
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for sess, feeds, ro in runs.values():  # warm-up
-        for _ in range(2):
-            sess.run(None, {"image": x, **feeds}, ro)
     names = list(runs)
     for _ in range(repeats):
         for k in rng.permutation(names):
             sess, feeds, ro = runs[k]
             time.sleep(settle_s)
-            for _ in range(2):
+            for _ in range(2):  # untimed: the first turn's warm-up too
                 sess.run(None, {"image": x, **feeds}, ro)
             samples = []
             for _ in range(inner):
