@@ -296,3 +296,17 @@ def test_a_missed_frontier_names_the_most_accurate_recipe_within_the_bit_budget(
                                               {"finetune-contig"})
     assert reached.startswith("reached by a recipe beside the default: piggyback-bn-x, 0.790 bits, fine-tune lead "
                               "-0.03"), reached
+
+
+def test_a_missed_accuracy_goal_says_how_many_standard_errors_the_lead_is(tmp_path):
+    res = tmp_path / "bench-out"
+    # in images of 3,000: fine-tuning 2910, 2913, 2916; the default 2901, 2904, 2907: a lead of 0.30 points,
+    # each side's sample std 0.10 points, so the standard error of the difference is 0.10 * sqrt(2/3) = 0.082
+    for seed in range(3):
+        _run_dir(res, "cifar_resnet20", "gtsrb", "finetune", seed, (2910 + 3 * seed) / 3000)
+        _run_dir(res, "cifar_resnet20", "gtsrb", "piggyback-bn", seed, (2901 + 3 * seed) / 3000)
+    text, goals = write(tmp_path, res)
+    gtsrb = "piggyback-bn vs fine-tune, cifar_resnet20 on gtsrb: strongest fine-tune's lead (mean over seeds)"
+    assert goals[gtsrb][1] == "MISSED"
+    assert "fine-tuning ahead by 0.30 points on this budget, 3.7 standard errors of the difference (±0.08" in text
+    assert import_tool("write_benchmarks").difference_standard_error([97.0], [96.0, 96.5]) is None

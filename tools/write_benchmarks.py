@@ -293,6 +293,14 @@ def lead(finetune_mean: float, mean: float) -> float:
     return points_difference(finetune_mean, mean)
 
 
+def difference_standard_error(a: list[float], b: list[float]) -> float | None:
+    """The standard error of mean(a) - mean(b) from each side's sample spread (Welch); None below 2 seeds a side.
+    It says how much of a lead reseeding alone could make (with 3 seeds a side, 95% needs about 2.8 of them)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    return (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5 or None
+
+
 def finetune_variants(cells: dict) -> set[str]:
     """The variants that fine-tune the whole net (the runs say so): the accuracy goals compare with the
     stronger of them, e.g. fine-tuning with and without augmentation."""
@@ -516,9 +524,12 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
             measured = (f"{gap:+.2f} ({statistics.mean(pb):.2f}% vs {ft_name} {statistics.mean(ft):.2f}%, "
                         f"{len(pb)} vs {len(ft)} of {len(seeds)} seeds)")
             spread = max(statistics.pstdev(pb) if len(pb) > 1 else 0.0, statistics.pstdev(ft) if len(ft) > 1 else 0.0)
+            se = difference_standard_error(ft, pb)
             note = "" if gap <= 0 else (
                 f"fine-tuning ahead by {gap:.2f} points on this budget"
                 + (f", less than one seed standard deviation (±{spread:.2f})" if gap < spread else "")
+                + (f", {gap / se:.1f} standard errors of the difference (±{se:.2f} from the seeds' spread)"
+                   if se else "")
                 + closest_recipe(b, d, ft) + " (the recipes tried: docs/TRAINING.md)")
             if n < len(seeds):
                 note = (note + "; " if note else "") + f"provisional: {len(seeds) - n} seed(s) missing"
