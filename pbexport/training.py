@@ -8,6 +8,7 @@ resumed after any epoch ends exactly where the uninterrupted run ends.
 from __future__ import annotations
 
 import math
+import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -237,10 +238,11 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     else:
         run.create(cfg, backbone, data, model.head_name)
 
+    environment = training_environment()
     for epoch in range(start_epoch, cfg.epochs + 1):
         record = _train_epoch(model, optimizer, train_set, cfg, epoch, steps_per_epoch, total_steps,
                               progress)
-        record.update(_scores(model, val_set, data.test, cfg))
+        record.update(_scores(model, val_set, data.test, cfg), environment=environment)
         history.append(record)
         run.write_checkpoint(epoch, model.task_state(), optimizer.state_dict(), history)
 
@@ -310,6 +312,25 @@ def _train_choosing_bn_lr(cfg: TrainConfig, out: Path, model: TaskModel, backbon
                "lr_bn_candidates": [{k: v for k, v in t.items() if k not in ("state", "metrics")} for t in tried]}
     run.write_final(chosen["state"], metrics)
     return metrics
+
+
+def training_environment() -> dict:
+    """What an epoch was trained on. A run is bitwise reproducible on one machine and library build only
+    (another CPU's kernels round differently: docs/TRAINING.md), so every epoch records this; a run resumed
+    elsewhere shows it."""
+    return {"torch": torch.__version__, "cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def train_seconds(metrics: dict) -> float:

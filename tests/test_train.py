@@ -78,6 +78,11 @@ def test_run_directory_contents(tmp_path, tiny_npz):
     assert on_disk["test_accuracy"] == metrics["test_accuracy"]
     assert [e["epoch"] for e in on_disk["epochs"]] == [1, 2]
     assert all({"val_accuracy", "test_accuracy", "mask_density"} <= set(e) for e in on_disk["epochs"])
+    # where each epoch ran: results are bitwise reproducible on one machine and torch build only
+    env = on_disk["epochs"][0]["environment"]
+    assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
+    assert env["cpu"] and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert on_disk["epochs"][1]["environment"] == env
     assert 0.0 < on_disk["mask_density"] <= 1.0
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["method"] == "piggyback" and config["config"]["train_bn"] is True

@@ -6,6 +6,7 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO, import_tool
 
@@ -35,7 +36,7 @@ def test_no_results_means_every_goal_is_not_measured(tmp_path):
         assert any(area in g for g in text.split("## Goals", 1)[1].split("\n## ", 1)[0].splitlines())
 
 
-def _run_dir(root, backbone, dataset, variant, seed, accuracy, epochs=2):
+def _run_dir(root, backbone, dataset, variant, seed, accuracy, epochs=2) -> Path:
     run = root / "accuracy" / "runs" / backbone / dataset / f"{variant}-s{seed}"
     run.mkdir(parents=True)
     method = variant.split("-")[0]  # as bench_accuracy names its variants: finetune-none fine-tunes
@@ -43,6 +44,7 @@ def _run_dir(root, backbone, dataset, variant, seed, accuracy, epochs=2):
                                                             "max_train_samples": 500}}))
     (run / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy, "mask_density": None,
                                                   "epochs": [{"seconds": 60.0}] * epochs}))
+    return run
 
 
 def test_goals_are_judged_from_the_result_files(tmp_path):
@@ -310,3 +312,19 @@ def test_a_missed_accuracy_goal_says_how_many_standard_errors_the_lead_is(tmp_pa
     assert goals[gtsrb][1] == "MISSED"
     assert "fine-tuning ahead by 0.30 points on this budget, 3.7 standard errors of the difference (±0.08" in text
     assert import_tool("write_benchmarks").difference_standard_error([97.0], [96.0, 96.5]) is None
+
+
+def test_the_accuracy_section_says_which_machines_trained_its_runs(tmp_path):
+    res = tmp_path / "bench-out"
+    here = {"torch": "2.14.1", "cpu": "AMD EPYC", "cpu_capability": "AVX512", "threads": 2}
+    there = {**here, "cpu": "Intel Xeon", "cpu_capability": "AVX2"}
+    for seed, epochs in enumerate([[here, here], [here, here], [None, None], [here, there]]):
+        run = _run_dir(res, "cifar_resnet20", "gtsrb", "finetune", seed, 0.97)
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["epochs"] = [{"seconds": 60.0, **({"environment": e} if e else {})} for e in epochs]
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    text, _ = write(tmp_path, res)
+    assert ("Trained on (runs are bitwise reproducible on one machine only: docs/TRAINING.md): "
+            "AMD EPYC (AVX512), torch 2.14.1, 2 threads: 2 runs; "
+            "not recorded (trained before pbexport recorded it): 1 run; resumed across machines: "
+            "AMD EPYC (AVX512), torch 2.14.1, 2 threads + Intel Xeon (AVX2), torch 2.14.1, 2 threads: 1 run.") in text

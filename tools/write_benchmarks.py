@@ -246,6 +246,35 @@ def _run_wall_seconds(run: Path, metrics: dict) -> float:
     return wall if 0 < wall < 2 * train_s + 600 else train_s
 
 
+NOT_RECORDED = "not recorded (trained before pbexport recorded it)"
+
+
+def _trained_on(run: Path, metrics: dict) -> tuple[str, ...]:
+    """The machines (CPU, its kernels' ISA, torch build, threads) a run's epochs were trained on, its BN-lr
+    candidates' too: a run is bitwise reproducible on one of them only (docs/TRAINING.md)."""
+    found = set()
+    for e in metrics.get("epochs", []):
+        env = e.get("environment")
+        found.add(NOT_RECORDED if not env else
+                  f"{env['cpu']} ({env['cpu_capability']}), torch {env['torch']}, {env['threads']} threads")
+    for t in metrics.get("lr_bn_candidates", []):
+        if "run" in t:
+            found.update(_trained_on(run / t["run"], read_json(run / t["run"] / "metrics.json") or {}))
+    return tuple(sorted(found))
+
+
+def trained_on_text(cells: dict) -> str:
+    """'Trained on: A (n runs); B (m runs)' over the runs of these cells whose run directories are here."""
+    count: dict[str, int] = {}
+    for r in cells.values():
+        if "trained_on" in r:
+            label = "; ".join(r["trained_on"]) if len(r["trained_on"]) == 1 else (
+                "resumed across machines: " + " + ".join(r["trained_on"]))
+            count[label] = count.get(label, 0) + 1
+    return "; ".join(f"{label}: {n} run{'s' if n != 1 else ''}"
+                     for label, n in sorted(count.items(), key=lambda t: (-t[1], t[0])))
+
+
 def collect_accuracy(acc_dir: Path) -> tuple[dict, dict | None, dict]:
     """cells[(backbone, dataset, variant, seed)] = row; the accuracy.json (or None); partial runs."""
     data = read_json(acc_dir / "accuracy.json")
@@ -273,6 +302,7 @@ def collect_accuracy(acc_dir: Path) -> tuple[dict, dict | None, dict]:
             continue
         wall = _run_wall_seconds(run, metrics)
         if key in cells:
+            cells[key].setdefault("trained_on", _trained_on(run, metrics))
             cells[key].setdefault("wall_seconds", wall)
             cells[key].setdefault("epochs", config.get("epochs"))
             cells[key].setdefault("max_train_samples", config.get("max_train_samples"))
@@ -284,7 +314,8 @@ def collect_accuracy(acc_dir: Path) -> tuple[dict, dict | None, dict]:
                       "train_seconds": _train_seconds(metrics), "lr_bn": metrics.get("lr_bn"),
                       "wall_seconds": wall, "epochs": config.get("epochs"),
                       "max_train_samples": config.get("max_train_samples"), "method": config.get("method"),
-                      "copied": "copied_from" in metrics, "source": "run directory"}
+                      "copied": "copied_from" in metrics, "source": "run directory",
+                      "trained_on": _trained_on(run, metrics)}
     return cells, data, partial
 
 
@@ -441,6 +472,10 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
         text.append(f"Budget: {', '.join(map(str, epochs)) or '?'} epochs, train images per task: "
                     f"{', '.join(samples)} (`all` = the whole train split: 12,000 for both datasets), batch 64. "
                     f"Results from {' and '.join(sources)}.")
+        machines = trained_on_text(cells)
+        if machines:
+            text += ["", f"Trained on (runs are bitwise reproducible on one machine only: docs/TRAINING.md): "
+                         f"{machines}."]
         text += ["", table(["backbone", "dataset", "method", "seeds", "test top-1 %", "± std", "fine-tune lead",
                             "over classifier", "bytes/task", "stored bits/param", "mask density",
                             "minutes/run (median)"],
