@@ -30,8 +30,8 @@ lint: setup
 # Training, export, runtime and int8 take about 15 minutes on 2 cores; the accuracy benchmark runs last and
 # takes hours: 2 backbones x 2 datasets x 4 methods x 3 seeds, 10 epochs each (the default piggyback-bn
 # trains each task twice, to choose its BN lr); a cifar_resnet20 run takes 3-6 minutes on 2 cores, a
-# cifar_resnet56 run 11-17 minutes; --frontier adds 20 recipes x 2 datasets on cifar_resnet20 (about
-# 2.4 hours), and the fine-tune baselines at other settings (no augmentation, head lr 1e-2), which the
+# cifar_resnet56 run 11-17 minutes; --frontier adds 21 recipes x 2 datasets on cifar_resnet20 (about
+# 2.5 hours), and the fine-tune baselines at other settings (no augmentation, head lr 1e-2), which the
 # accuracy goal compares with, 12 more runs per backbone (about 4.3 hours); the recipes that
 # docs/TRAINING.md compares over 3 seeds get seeds 1 and 2, and run on cifar_resnet56 too (about 4 hours;
 # the fixed BN lrs 1e-2 and 3e-3 are copied from the default's BN-lr candidates, not trained again), and a
