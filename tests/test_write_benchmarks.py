@@ -322,16 +322,16 @@ def test_the_accuracy_section_says_which_machines_trained_its_runs(tmp_path):
     res = tmp_path / "bench-out"
     here = {"torch": "2.14.1", "cpu": "AMD EPYC", "cpu_capability": "AVX512", "threads": 2}
     there = {**here, "cpu": "Intel Xeon", "cpu_capability": "AVX2"}
-    for seed, epochs in enumerate([[here, here], [here, here], [None, None], [here, there]]):
+    for seed, epochs in enumerate([[here, here], [here, here], [None, None], [here, there], [{"cpu": "X"}]]):
         run = _run_dir(res, "cifar_resnet20", "gtsrb", "finetune", seed, 0.97)
         metrics = json.loads((run / "metrics.json").read_text())
         metrics["epochs"] = [{"seconds": 60.0, **({"environment": e} if e else {})} for e in epochs]
         (run / "metrics.json").write_text(json.dumps(metrics))
     text, _ = write(tmp_path, res)
     assert ("Trained on (runs are bitwise reproducible on one machine only: docs/TRAINING.md): "
-            "AMD EPYC (AVX512), torch 2.14.1, 2 threads: 2 runs; "
+            "AMD EPYC (AVX512), torch 2.14.1, 2 threads: 2 runs; X (?), torch ?, ? threads: 1 run; "
             "not recorded (trained before pbexport recorded it): 1 run; resumed across machines: "
-            "AMD EPYC (AVX512), torch 2.14.1, 2 threads + Intel Xeon (AVX2), torch 2.14.1, 2 threads: 1 run.") in text
+            "AMD EPYC (AVX512), torch 2.14.1, 2 threads + Intel Xeon (AVX2), torch 2.14.1, 2 threads: 1 run.") in text  # X: a damaged record, shown
 
 
 def test_the_closest_recipe_is_chosen_among_those_run_on_the_most_seeds(tmp_path):

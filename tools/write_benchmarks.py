@@ -255,8 +255,9 @@ def _trained_on(run: Path, metrics: dict) -> tuple[str, ...]:
     found = set()
     for e in metrics.get("epochs", []):
         env = e.get("environment")
-        found.add(NOT_RECORDED if not env else
-                  f"{env['cpu']} ({env['cpu_capability']}), torch {env['torch']}, {env['threads']} threads")
+        found.add(NOT_RECORDED if not isinstance(env, dict) else  # a damaged record reads "?", not a crash
+                  f"{env.get('cpu', '?')} ({env.get('cpu_capability', '?')}), torch {env.get('torch', '?')}, "
+                  f"{env.get('threads', '?')} threads")
     for t in metrics.get("lr_bn_candidates", []):
         if "run" in t:
             found.update(_trained_on(run / t["run"], read_json(run / t["run"] / "metrics.json") or {}))
@@ -264,7 +265,7 @@ def _trained_on(run: Path, metrics: dict) -> tuple[str, ...]:
 
 
 def trained_on_text(cells: dict) -> str:
-    """'Trained on: A (n runs); B (m runs)' over the runs of these cells whose run directories are here."""
+    """'A: n runs; B: m runs' (machines, most runs first) over the cells whose run directories are here."""
     count: dict[str, int] = {}
     for r in cells.values():
         if "trained_on" in r:
