@@ -331,7 +331,8 @@ def test_the_accuracy_section_says_which_machines_trained_its_runs(tmp_path):
     assert ("Trained on (runs are bitwise reproducible on one machine only: docs/TRAINING.md): "
             "AMD EPYC (AVX512), torch 2.14.1, 2 threads: 2 runs; X (?), torch ?, ? threads: 1 run; "
             "not recorded (trained before pbexport recorded it): 1 run; resumed across machines: "
-            "AMD EPYC (AVX512), torch 2.14.1, 2 threads + Intel Xeon (AVX2), torch 2.14.1, 2 threads: 1 run.") in text  # X: a damaged record, shown
+            "AMD EPYC (AVX512), torch 2.14.1, 2 threads + Intel Xeon (AVX2), torch 2.14.1, 2 threads: 1 run.") in text
+    # X is a damaged record: shown as far as it goes, not a crash
 
 
 def test_the_closest_recipe_is_chosen_among_those_run_on_the_most_seeds(tmp_path):
