@@ -344,3 +344,16 @@ def test_the_closest_recipe_is_chosen_among_those_run_on_the_most_seeds(tmp_path
     _run_dir(res, "cifar_resnet20", "gtsrb", "piggyback-bn-bn3e-2", 0, 0.980)  # one lucky seed
     text, _ = write(tmp_path, res)
     assert "the closest recipe tried here: piggyback-bn-bn5e-3, fine-tune lead +0.30 (3 seed(s))" in text
+
+
+def test_each_export_file_says_the_pause_it_was_timed_with(tmp_path):
+    recorded = json.loads((REPO / "bench-record" / "export.json").read_text())
+    res = tmp_path / "bench-out"
+    res.mkdir()
+    (res / "export.json").write_text(json.dumps({**recorded, "settle_s": 0.02}))
+    (res / "export-cpu1.json").write_text(json.dumps({k: v for k, v in recorded.items() if k != "settle_s"}))
+    text, _ = write(tmp_path, res)
+    headings = [line for line in text.splitlines() if line.startswith("### `export")]
+    assert any(h.startswith("### `export.json`") and "20 ms pause" in h for h in headings), headings
+    # written before bench_export recorded it: the pause it had then
+    assert any(h.startswith("### `export-cpu1.json`") and "50 ms pause" in h for h in headings), headings

@@ -120,8 +120,11 @@ def sessions_for(paths: dict[str, Path], plain: Path, task: str, threads: int) -
             "_keep": adapter}
 
 
+SETTLE_S = 0.05  # pause before each graph's turn: the previous session's spinning threads go idle
+
+
 def latency(sessions: dict, size: int, batch: int, repeats: int, clock=time.perf_counter,
-            inner: int = 5, settle_s: float = 0.05) -> dict[str, dict]:
+            inner: int = 5, settle_s: float = SETTLE_S) -> dict[str, dict]:
     """Median and min seconds per graph, and the median over rounds of its time / the plain graph's time
     in the same round (robust to slow drifts in what else the machine runs). In a round each graph runs
     ``inner`` times back to back and counts the median of those, so one scheduler hiccup does not decide
@@ -302,7 +305,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
     out.write_text(json.dumps({"threads": args.threads, "clock": args.clock, "repeats": args.repeats, "loadavg": load,
-                               "results": results}, indent=2) + "\n")
+                               "settle_s": SETTLE_S, "results": results}, indent=2) + "\n")
     print(f"\nload average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (other work on the machine skews latency)")
     print(f"results -> {out}")
     return 0

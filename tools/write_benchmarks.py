@@ -1038,11 +1038,12 @@ def section_export(results: Path, img_dir: Path, out_dir: Path) -> tuple[str, li
             "",
             "Per backbone: tiny tasks (1 step on random images) packed and exported in the three modes plus the plain "
             "backbone graph. Latency: onnxruntime on the CPU, every session created up front and run in interleaved "
-            "rounds, each in a fresh random order, each graph's turn after a 50 ms pause (the previous session's "
-            "spinning threads go idle) and two untimed runs; median per graph, and \"x plain\" = median over rounds "
-            "of (graph time / plain graph time in the same round). \"x no-NCHWc\" compares with the plain graph run "
-            "without onnxruntime's NCHWc convolutions (the kernels the multitask graph can use). Disk: bytes on disk "
-            "of each mode's files. Memory and session creation: each mode's N tasks loaded at once in a fresh process.",
+            "rounds, each in a fresh random order, each graph's turn after a pause (the previous session's "
+            "spinning threads go idle; its length per file below) and two untimed runs; median per graph, and "
+            "\"x plain\" = median over rounds of (graph time / plain graph time in the same round). \"x no-NCHWc\" "
+            "compares with the plain graph run without onnxruntime's NCHWc convolutions (the kernels the multitask "
+            "graph can use). Disk: bytes on disk of each mode's files. Memory and session creation: each mode's N "
+            "tasks loaded at once in a fresh process.",
             ""]
     goals = []
     if not files:
@@ -1054,8 +1055,11 @@ def section_export(results: Path, img_dir: Path, out_dir: Path) -> tuple[str, li
     primary = files[0]
     secondary = {}  # backbone -> latency of the other files, quoted next to the primary's
     for p, d in files:
-        text += [f"### `{p.name}`: {d['threads']} thread(s), {d['clock']} clock, {d['repeats']} rounds at batch 1 "
-                 f"(measured {mtime(p)}, load average {' '.join(f'{x:.2f}' for x in d.get('loadavg', []))})", ""]
+        # results written before bench_export recorded its pause used 50 ms
+        pause = f"{d.get('settle_s', 0.05) * 1000:g} ms pause"
+        load = " ".join(f"{x:.2f}" for x in d.get("loadavg", []))
+        text += [f"### `{p.name}`: {d['threads']} thread(s), {d['clock']} clock, {d['repeats']} rounds at batch 1, "
+                 f"{pause} (measured {mtime(p)}, load average {load})", ""]
         for r in d["results"]:
             text += [f"**{r['backbone']} @{r['input_size']}**: {r['masked_params']:,} masked parameters, plain graph "
                      f"{r['plain_bytes']:,} B.", ""]
