@@ -335,6 +335,28 @@ def test_the_accuracy_section_says_which_machines_trained_its_runs(tmp_path):
     # X is a damaged record: shown as far as it goes, not a crash
 
 
+def test_a_lead_between_runs_from_two_machines_says_so(tmp_path):
+    res = tmp_path / "bench-out"
+    amd = {"torch": "2.14.1", "cpu": "AMD EPYC", "cpu_capability": "AVX512", "threads": 2}
+    intel = {**amd, "cpu": "Intel Xeon"}
+    # gtsrb: the default on AMD, fine-tuning's seeds on AMD and Intel; mnist: both on AMD
+    machines = {"gtsrb": {"piggyback-bn": [amd, amd], "finetune": [amd, intel]},
+                "mnist": {"piggyback-bn": [amd, amd], "finetune": [amd, amd]}}
+    for dataset, recipes in machines.items():
+        for variant, envs in recipes.items():
+            for seed, env in enumerate(envs):
+                run = _run_dir(res, "cifar_resnet20", dataset, variant, seed, 0.97)
+                metrics = json.loads((run / "metrics.json").read_text())
+                metrics["epochs"] = [{"seconds": 60.0, "environment": env}] * 2
+                (run / "metrics.json").write_text(json.dumps(metrics))
+    _, goals = write(tmp_path, res)
+    gtsrb, mnist = (f"piggyback-bn vs fine-tune, cifar_resnet20 on {d}: strongest fine-tune's lead (mean over seeds)"
+                    for d in ("gtsrb", "mnist"))
+    assert goals[gtsrb][0].endswith("; the two sides trained on different machines: piggyback-bn on AMD EPYC, "
+                                    "finetune on AMD EPYC + Intel Xeon"), goals[gtsrb]
+    assert "machines" not in goals[mnist][0], goals[mnist]
+
+
 def test_the_closest_recipe_is_chosen_among_those_run_on_the_most_seeds(tmp_path):
     res = tmp_path / "bench-out"
     for seed in range(3):

@@ -416,6 +416,13 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
     def accs(b, d, v):
         return [100 * cells[(b, d, v, s)]["test_accuracy"] for s in seeds if (b, d, v, s) in cells]
 
+    def cpus(b, d, v) -> list[str]:
+        """The CPUs a recipe's seeds here were trained on ("not recorded" for a run from before the record, or
+        whose directory is not here): a lead between two machines is not the lead on either (docs/TRAINING.md)."""
+        found = {label.split(" (")[0] for s in seeds if (b, d, v, s) in cells
+                 for label in cells[(b, d, v, s)].get("trained_on") or (NOT_RECORDED,)}
+        return sorted(found)
+
     def best_finetune(b, d) -> tuple[str | None, list[float]]:
         """The fine-tune variant with the higher mean here (fine-tuning at its better augmentation)."""
         tried = [(v, accs(b, d, v)) for v in sorted(fine_tunes) if accs(b, d, v)]
@@ -561,6 +568,10 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
             n = min(len(pb), len(ft))
             measured = (f"{gap:+.2f} ({statistics.mean(pb):.2f}% vs {ft_name} {statistics.mean(ft):.2f}%, "
                         f"{len(pb)} vs {len(ft)} of {len(seeds)} seeds)")
+            if cpus(b, d, DEFAULT_RECIPE) != cpus(b, d, ft_name):
+                measured += (f"; the two sides trained on different machines: {DEFAULT_RECIPE} on "
+                             f"{' + '.join(cpus(b, d, DEFAULT_RECIPE))}, {ft_name} on "
+                             f"{' + '.join(cpus(b, d, ft_name))}")
             spread = max(statistics.pstdev(pb) if len(pb) > 1 else 0.0, statistics.pstdev(ft) if len(ft) > 1 else 0.0)
             se = difference_standard_error(ft, pb)
             note = "" if gap <= 0 else (
