@@ -416,12 +416,11 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
     def accs(b, d, v):
         return [100 * cells[(b, d, v, s)]["test_accuracy"] for s in seeds if (b, d, v, s) in cells]
 
-    def cpus(b, d, v) -> list[str]:
-        """The CPUs a recipe's seeds here were trained on ("not recorded" for a run from before the record, or
-        whose directory is not here): a lead between two machines is not the lead on either (docs/TRAINING.md)."""
-        found = {label.split(" (")[0] for s in seeds if (b, d, v, s) in cells
-                 for label in cells[(b, d, v, s)].get("trained_on") or (NOT_RECORDED,)}
-        return sorted(found)
+    def machines_of(b, d, v) -> str:
+        """The machines a recipe's seeds here were trained on, as _trained_on names them (NOT_RECORDED for a run
+        from before the record, or whose directory is not here): a lead between two is the lead on neither."""
+        return " + ".join(sorted({label for s in seeds if (b, d, v, s) in cells
+                                  for label in cells[(b, d, v, s)].get("trained_on") or (NOT_RECORDED,)}))
 
     def best_finetune(b, d) -> tuple[str | None, list[float]]:
         """The fine-tune variant with the higher mean here (fine-tuning at its better augmentation)."""
@@ -568,10 +567,10 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
             n = min(len(pb), len(ft))
             measured = (f"{gap:+.2f} ({statistics.mean(pb):.2f}% vs {ft_name} {statistics.mean(ft):.2f}%, "
                         f"{len(pb)} vs {len(ft)} of {len(seeds)} seeds)")
-            if cpus(b, d, DEFAULT_RECIPE) != cpus(b, d, ft_name):
-                measured += (f"; the two sides trained on different machines: {DEFAULT_RECIPE} on "
-                             f"{' + '.join(cpus(b, d, DEFAULT_RECIPE))}, {ft_name} on "
-                             f"{' + '.join(cpus(b, d, ft_name))}")
+            pb_on, ft_on = machines_of(b, d, DEFAULT_RECIPE), machines_of(b, d, ft_name)
+            if pb_on != ft_on:
+                measured += (f"; the two sides trained on different machines: {DEFAULT_RECIPE} on {pb_on}, "
+                             f"{ft_name} on {ft_on}")
             spread = max(statistics.pstdev(pb) if len(pb) > 1 else 0.0, statistics.pstdev(ft) if len(ft) > 1 else 0.0)
             se = difference_standard_error(ft, pb)
             note = "" if gap <= 0 else (
