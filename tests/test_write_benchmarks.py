@@ -36,8 +36,8 @@ def test_no_results_means_every_goal_is_not_measured(tmp_path):
         assert any(area in g for g in text.split("## Goals", 1)[1].split("\n## ", 1)[0].splitlines())
 
 
-def _run_dir(root, backbone, dataset, variant, seed, accuracy, epochs=2) -> Path:
-    run = root / "accuracy" / "runs" / backbone / dataset / f"{variant}-s{seed}"
+def _run_dir(root, backbone, dataset, variant, seed, accuracy, epochs=2, folder="accuracy") -> Path:
+    run = root / folder / "runs" / backbone / dataset / f"{variant}-s{seed}"
     run.mkdir(parents=True)
     method = variant.split("-")[0]  # as bench_accuracy names its variants: finetune-none fine-tunes
     (run / "config.json").write_text(json.dumps({"config": {"method": method, "epochs": epochs,
@@ -356,6 +356,39 @@ def test_a_lead_between_runs_from_two_machines_says_so(tmp_path):
                                     "(AVX512), torch 2.14.1, 2 threads, finetune on AMD EPYC (AVX512), torch 2.14.1, "
                                     "2 threads + Intel Xeon (AVX512), torch 2.14.1, 2 threads"), goals[gtsrb]
     assert "machines" not in goals[mnist][0], goals[mnist]
+
+
+def test_more_seeds_are_quoted_beside_a_goal_row_that_stays_on_the_grid_seeds(tmp_path):
+    res = tmp_path / "bench-out"
+    grid = {"piggyback-bn": [0.970] * 3, "finetune": [0.975] * 3, "finetune-contig": [0.980] * 3}
+    more = {"piggyback-bn": [0.965, 0.970, 0.975], "finetune": [0.975] * 3, "finetune-contig": [0.960] * 3}
+    for variant in grid:
+        for seed, acc in enumerate(grid[variant]):
+            _run_dir(res, "cifar_resnet20", "gtsrb", variant, seed, acc)
+        for seed, acc in enumerate(more[variant], start=3):
+            _run_dir(res, "cifar_resnet20", "gtsrb", variant, seed, acc, folder="accuracy-seeds3-5")
+    # a seed the grid has already is not counted twice
+    _run_dir(res, "cifar_resnet20", "gtsrb", "finetune", 0, 0.999, folder="accuracy-seeds3-5")
+    text, goals = write(tmp_path, res)
+    measured, verdict = goals["piggyback-bn vs fine-tune, cifar_resnet20 on gtsrb: strongest fine-tune's lead "
+                              "(mean over seeds)"]
+    # the goal is judged on the grid's seeds, against the fine-tune strongest there
+    assert verdict == "MISSED" and measured.startswith("+1.00 (97.00% vs finetune-contig 98.00%, 3 vs 3 of 3 seeds)")
+    # over every seed finetune-contig falls behind finetune: the lead is against finetune, with its standard error
+    # (the default's seeds spread: variance 0.1 over 6 seeds, so 0.50 / sqrt(0.1 / 6) = 3.9)
+    assert measured.endswith("; over 6 seeds (accuracy-seeds3-5, beside this row): +0.50 vs finetune, "
+                             "3.9 standard errors"), measured
+    assert "| cifar_resnet20 | gtsrb | finetune-contig | 98.00 ± 0.00 (3) | 96.00 ± 0.00 (3) | 97.00 ± 1.00 (6) | - |" \
+        in text
+    assert ("| cifar_resnet20 | gtsrb | piggyback-bn | 97.00 ± 0.00 (3) | 97.00 ± 0.41 (3) | 97.00 ± 0.29 (6) "
+            "| +0.50 |") in text
+    assert "- cifar_resnet20 / gtsrb: over 6 seeds the strongest fine-tune is finetune, and the default's lead +0.50" \
+        in text
+    assert ("python tools/bench_accuracy.py --backbones cifar_resnet20 --datasets gtsrb --variants piggyback-bn "
+            "finetune finetune-contig --seeds 3 4 5 --out bench-out/accuracy-seeds3-5") in text
+    # without more seeds there is no such section
+    text, _ = write(tmp_path, tmp_path / "empty")
+    assert "### More seeds" not in text
 
 
 def test_the_closest_recipe_is_chosen_among_those_run_on_the_most_seeds(tmp_path):
