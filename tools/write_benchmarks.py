@@ -134,9 +134,14 @@ def result_files(results: Path, stem: str, key: str) -> list[tuple[Path, dict]]:
     return [(p, d) for p, d in files if d]
 
 
-def not_measured(text: list[str], missing: str) -> str:
-    """A study section whose result file is missing: its introduction, then what is missing."""
-    return "\n".join(text + [f"Not measured: no `bench-out/{missing}`.", ""]) + "\n"
+NEEDS_CHECKPOINTS = (" The study evaluates the checkpoints the accuracy runs kept (or reuses what an earlier result "
+                     "file cached); bench-record/ keeps the runs' metrics, not their checkpoints, so with neither here "
+                     "it needs the runs trained again (`make bench`). docs/TRAINING.md quotes its last results.")
+
+
+def not_measured(text: list[str], missing: str, why: str = "") -> str:
+    """A study section whose result file is missing: its introduction, then what is missing (and why)."""
+    return "\n".join(text + [f"Not measured: no `bench-out/{missing}`.{why}", ""]) + "\n"
 
 
 def mtime(path: Path) -> str:
@@ -993,7 +998,7 @@ def section_selection(results: Path) -> str:
             ""]
     files = result_files(results, "selection", "rules")
     if not files:
-        return not_measured(text, "selection*.json")
+        return not_measured(text, "selection*.json", NEEDS_CHECKPOINTS)
     for path, d in files:
         choose = d.get("choose") or []
         cmd = f"python tools/selection_study.py --seeds {d['seeds']}" + \
@@ -1055,7 +1060,7 @@ def section_posthoc(results: Path) -> str:
     path = results / "posthoc.json"
     d = read_result(path, "levers")
     if d is None:
-        return not_measured(text, path.name)
+        return not_measured(text, path.name, NEEDS_CHECKPOINTS)
     rows = [[lever, cell, c["accuracy"], f"{c['finetune']} {c['finetune_accuracy']:.2f}", c["lead"]]
             for lever, r in d["levers"].items() for cell, c in r["cells"].items()]
     rows += [[lever, "mean over the cells", None, "", r["mean_lead"]] for lever, r in d["levers"].items()]
