@@ -349,7 +349,7 @@ def more_seeds(cells: dict, extra: dict, fine_tunes: set[str]) -> dict:
     grid_seeds = {k[3] for k in cells}
     out = {}
     for b, d in dict.fromkeys(k[:2] for k in extra):
-        variants, more_seeds = {}, sorted({k[3] for k in extra if k[:2] == (b, d) and k[3] not in grid_seeds})
+        variants, new_seeds = {}, sorted({k[3] for k in extra if k[:2] == (b, d) and k[3] not in grid_seeds})
         for v in sorted({k[2] for k in extra if k[:2] == (b, d)}, key=lambda v: (v != DEFAULT_RECIPE, v)):
             more = [100 * r["test_accuracy"] for k, r in sorted(extra.items())
                     if k[:3] == (b, d, v) and k[3] not in grid_seeds]
@@ -360,7 +360,7 @@ def more_seeds(cells: dict, extra: dict, fine_tunes: set[str]) -> dict:
             continue
         pb = sum(variants[DEFAULT_RECIPE], [])
         ft_name, ft = max(fts, key=lambda t: statistics.mean(t[1]))
-        out[(b, d)] = {"variants": variants, "more_seeds": more_seeds, "finetune": ft_name, "seeds": len(pb),
+        out[(b, d)] = {"variants": variants, "new_seeds": new_seeds, "finetune": ft_name, "seeds": len(pb),
                        "lead": lead(statistics.mean(ft), statistics.mean(pb)),
                        "se": difference_standard_error(ft, pb)}
     return out
@@ -373,7 +373,7 @@ def more_seeds_commands(extra: dict) -> list[str]:
         datasets, variants, seeds = by_backbone.setdefault(b, ([], [], set()))
         datasets.append(d)
         variants += [v for v in x["variants"] if v not in variants]
-        seeds |= set(x["more_seeds"])
+        seeds |= set(x["new_seeds"])
     return [f"python tools/bench_accuracy.py --backbones {b} --datasets {' '.join(ds)} --variants {' '.join(vs)} "
             f"--seeds {' '.join(map(str, sorted(ss)))} --out bench-out/{MORE_SEEDS_DIR}"
             for b, (ds, vs, ss) in by_backbone.items()]
@@ -597,7 +597,7 @@ def section_accuracy(results: Path, img_dir: Path, out_dir: Path, machine_info: 
                  f"The goal rows stay on the grid's {len(seeds)} seeds, as the issue asks. In these cells the default "
                  "and fine-tuning were trained on more seeds too (`bench-out/" + MORE_SEEDS_DIR + "`), which measures "
                  "again, on seeds it was not picked on, the fine-tune a goal row calls the strongest (the best mean of "
-                 "several fine-tunes over 3 seeds is biased upward), and a lead of a few tenths with twice the seeds. "
+                 "several fine-tunes over 3 seeds is biased upward), and a lead of a few tenths on more seeds. "
                  "Test top-1 %, mean ± std (seeds); fine-tune lead = the strongest fine-tune's mean over every seed "
                  "minus this method's." + (f" Trained on: {machines}." if machines else ""),
                  "",
