@@ -41,7 +41,7 @@ lint: setup
 # the mask (fine-tuning: the backbone) waiting an epoch while the head settles (about 30 minutes), and Adam's
 # eps for the mask scores, 1e-5 and 3e-6 on cifar_resnet20 (3 seeds), and on cifar_resnet56 / GTSRB 1e-5 (1 seed)
 # and 3e-6 (3 seeds; its score gradients are weaker) (about 1.9 hours), and seeds 3-5 of the default, finetune and
-# finetune-contig on cifar_resnet20 and on cifar_resnet56 / GTSRB, kept apart in bench-out/accuracy-seeds3-5 (the
+# finetune-contig on both backbones, kept apart in bench-out/accuracy-seeds3-5 (the
 # goals stay on seeds 0-2; about 2.3 hours): about 29 hours in all (the grid about 7; run times measured on 2
 # cores), and the studies below about 50 minutes more
 # (BENCHMARKS.md estimates what is left from the runs that finished). tools/split_study.py counts the validation
@@ -84,8 +84,8 @@ bench: setup
 	$(BIN)/python tools/bench_accuracy.py --quiet --backbones cifar_resnet56 --datasets gtsrb --variants piggyback-bn-eps3e-6
 	$(BIN)/python tools/bench_accuracy.py --quiet --backbones cifar_resnet20 --variants piggyback-bn finetune \
 		finetune-contig --seeds 3 4 5 --out bench-out/accuracy-seeds3-5
-	$(BIN)/python tools/bench_accuracy.py --quiet --backbones cifar_resnet56 --datasets gtsrb --variants piggyback-bn \
-		finetune finetune-contig --seeds 3 4 5 --out bench-out/accuracy-seeds3-5
+	$(BIN)/python tools/bench_accuracy.py --quiet --backbones cifar_resnet56 --variants piggyback-bn finetune \
+		finetune-contig --seeds 3 4 5 --out bench-out/accuracy-seeds3-5
 	$(BIN)/python tools/split_study.py
 	$(BIN)/python tools/score_gradients.py
 	$(BIN)/python tools/selection_study.py
