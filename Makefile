@@ -42,7 +42,7 @@ lint: setup
 # eps for the mask scores, 1e-5 and 3e-6 on cifar_resnet20 (3 seeds), and on cifar_resnet56 / GTSRB 1e-5 (1 seed)
 # and 3e-6 (3 seeds; its score gradients are weaker) (about 1.9 hours), and seeds 3-5 of the default, finetune and
 # finetune-contig on both backbones, kept apart in bench-out/accuracy-seeds3-5 (the
-# goals stay on seeds 0-2; about 2.3 hours): about 29 hours in all (the grid about 7; run times measured on 2
+# goals stay on seeds 0-2; about 3.4 hours): about 30 hours in all (the grid about 7; run times measured on 2
 # cores), and the studies below about 50 minutes more
 # (BENCHMARKS.md estimates what is left from the runs that finished). tools/split_study.py counts the validation
 # images with a near copy in training, per split (seconds, no training); tools/score_gradients.py measures the mask

@@ -125,6 +125,20 @@ def test_storage_frontier_goal_needs_fine_tune_accuracy_within_the_bit_budget(tm
     # the miss names the recipe that does reach the goal on that cell
     assert "reached by a recipe beside the default: piggyback-bn-bn3e-3, 0.790 bits, fine-tune lead -0.05" in text
     assert goals["3 seeds for every backbone, dataset and method"][0] == "4/48 runs"
+    # no frontier.png beside the results (restored from bench-record/, which keeps no charts): drawn from them
+    assert "![test accuracy against stored bits per masked parameter](img/frontier.png)" in text
+    assert (tmp_path / "img" / "frontier.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_no_frontier_chart_without_a_recipe_it_draws(tmp_path):
+    res = tmp_path / "bench-out"
+    (res / "accuracy").mkdir(parents=True)
+    summary = [{"backbone": "cifar_resnet20", "dataset": "gtsrb", "variant": v, "seeds": 1, "accuracy_mean": 97.0,
+                "accuracy_std": 0.0, "stored_bits_per_param": 0.8, "mask_density": 0.7}
+               for v in ("piggyback-bn", "piggyback-bn-contig")]  # beside the default, not a --frontier recipe
+    (res / "accuracy" / "accuracy.json").write_text(json.dumps({"summary": summary, "rows": []}))
+    frontier, _ = import_tool("write_benchmarks").section_frontier(res, {}, tmp_path / "img", tmp_path)
+    assert "frontier.png" not in frontier and not (tmp_path / "img" / "frontier.png").exists()
 
 
 def test_equal_correct_counts_are_a_tie_not_a_float_rounding_miss(tmp_path):

@@ -716,6 +716,18 @@ def _plot_accuracy(summary: list[dict], path: Path) -> None:
            "accuracy_std": s["std"]} for s in summary], path)
 
 
+def _plot_frontier(summary: list[dict], path: Path) -> bool:
+    """The frontier chart tools/bench_accuracy.py draws, from its accuracy.json summary; False when it has none
+    of the chart's recipes (it draws the `--frontier` ones)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_accuracy import FRONTIER, plot_frontier
+
+    if not any(s["variant"] in FRONTIER for s in summary):
+        return False
+    plot_frontier(summary, path)
+    return True
+
+
 def density_plot(bundle: Path, png: Path) -> Path | None:
     """`pbexport info BUNDLE --plot PNG` (the CLI), None when it fails (no masked task, damaged bundle)."""
     if not (bundle / "manifest.json").exists():
@@ -974,10 +986,12 @@ def section_frontier(results: Path, cells: dict, img_dir: Path, out_dir: Path) -
                  "`tools/bench_accuracy.py` copied it instead of training it again (`copied_from` in its "
                  "`metrics.json`).", ""]
     png = results / "accuracy" / "frontier.png"
+    target = img_dir / "frontier.png"
+    img_dir.mkdir(parents=True, exist_ok=True)
     if png.exists():
-        img_dir.mkdir(parents=True, exist_ok=True)
-        target = img_dir / "frontier.png"
         shutil.copyfile(png, target)
+    drawn = png.exists() or (keys and _plot_frontier(acc["summary"], target))  # bench-record/ keeps no charts
+    if drawn:
         text += [f"![test accuracy against stored bits per masked parameter]({rel(target, out_dir)})", ""]
     text.append(code("python tools/bench_accuracy.py --backbones cifar_resnet20 --frontier   # adds the frontier "
                      "recipes (seed 0) to the accuracy runs"))
@@ -1425,7 +1439,11 @@ def main(argv=None) -> int:
         "variants timed side by side (interleaved rounds) in the same run, so load from other work on the machine "
         "hits both sides alike.",
         "",
-        "| machine | |",
+        "The machine below is the one this file was generated on. `make bench-report` rewrites it from recorded "
+        "results, which may have been measured on another: each section gives its results' date, and the accuracy "
+        "section the CPU each run was trained on; the timing result files record their threads but not their CPU.",
+        "",
+        "| machine this file was generated on | |",
         "|---|---|",
         f"| date | {m['date']} |",
         f"| cores (`nproc`) | {m['nproc']} |",
