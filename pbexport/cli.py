@@ -391,6 +391,11 @@ def _print_report(report, strict: bool) -> None:
 @click.option("--batch", type=int, default=None, help="Fixed batch size (default: a dynamic batch axis).")
 @click.option("--input-size", type=int, default=None,
               help="Export at this input size instead of the bundle's (backbones that allow it).")
+@click.option("--nchwc-block", type=click.Choice(["8", "16"]), default=None,
+              callback=lambda ctx, param, v: None if v is None else int(v),
+              help="--multitask for x86 CPUs: onnxruntime's blocked convolutions for this block size (16 on "
+                   "AVX512, 8 on AVX2; `pbexport nchwc-block` says this CPU's). Faster batches; the graph runs "
+                   "only where the block size matches.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every file against the PyTorch task model.")
 @_verify_options
@@ -472,3 +477,18 @@ def ort_cmd(model, out, force) -> None:
     r = convert_to_ort(model, out, force=force)
     click.echo(f"{r['ort']}: {r['ort_bytes']:,} bytes (onnx {r['onnx_bytes']:,}); same logits as the .onnx "
                f"(max |diff| {r['max_abs_diff']:.1e}, top-1 agreement {100 * r['top1_agreement']:.0f}%)")
+
+
+@cli.command("nchwc-block")
+@handle_errors
+def nchwc_block_cmd() -> None:
+    """Print this CPU's onnxruntime NCHWc block size: the `pbexport onnx --multitask --nchwc-block` for it.
+
+    Run it on the device (it needs onnxruntime only). Exits 1 where onnxruntime has no NCHWc kernels."""
+    from .runtime import nchwc_block_size
+
+    block = nchwc_block_size()
+    if block is None:
+        click.echo("none: this onnxruntime has no NCHWc kernels here; export --multitask without --nchwc-block")
+        sys.exit(1)
+    click.echo(block)

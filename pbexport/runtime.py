@@ -872,4 +872,33 @@ def _open_multitask(p: Path, feed: str, kw: dict) -> MultitaskEngine:
     meta = _pbexport_meta(model)
     if meta["mode"] != "multitask":
         raise PbexportError(f"graph mode is {meta['mode']!r}, the index says multitask", str(model))
+    if "nchwc_block" in meta:  # blocked weights for one CPU family: wrong results, or none, on another
+        block = nchwc_block_size()
+        if str(block) != meta["nchwc_block"]:
+            found = f"block size {block}" if block else "no NCHWc kernels"
+            raise PbexportError(f"graph built for onnxruntime's NCHWc block size {meta['nchwc_block']}; this "
+                                f"CPU's onnxruntime has {found} (export without --nchwc-block"
+                                + (f", or with --nchwc-block {block})" if block else ")"), str(model))
     return MultitaskEngine(p, index, meta, feed=feed, **kw)
+
+
+# A 4-channel tensor through onnxruntime's nchwc.ReorderInput comes out padded to the block size. Built with
+# onnx.helper (tests/test_nchwc.py builds it again and compares): the runtime does not need onnx.
+_NCHWC_PROBE = (b'\x08\x08:Z\n)\n\x01x\x12\x01y"\x0cReorderInput:\x13com.microsoft.nchwc\x12\x05probeZ\x1b\n'
+                b'\x01x\x12\x16\n\x14\x08\x01\x12\x10\n\x02\x08\x01\n\x02\x08\x04\n\x02\x08\x01\n\x02\x08\x01b\t\n\x01y\x12'
+                b'\x04\n\x02\x08\x01B\x04\n\x00\x10\x11B\x17\n\x13com.microsoft.nchwc\x10\x01')
+
+
+def nchwc_block_size() -> int | None:
+    """The channel block of onnxruntime's NCHWc CPU kernels here (16 with AVX512, 8 with AVX2), None where
+    it has none: the ``--nchwc-block`` to export a multitask graph with for this machine."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(_NCHWC_PROBE, so, providers=["CPUExecutionProvider"])
+        out = sess.run(None, {"x": np.zeros((1, 4, 1, 1), np.float32)})[0]
+    except Exception:  # noqa: BLE001 - a build without the kernels: no block size
+        return None
+    return int(out.shape[1]) if out.shape[1] > 4 else None

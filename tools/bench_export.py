@@ -39,7 +39,8 @@ DEFAULT_BACKBONES = ["resnet18", "cifar_resnet56"]
 # machine barely disturb; with --threads 1 it is the single-thread latency of an idle machine.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 TARGETS = {"baked": (1.03, 1.03), "shared": (1.03, 1.03), "multitask (adapter)": (1.5, 1.15),
-           "multitask (inputs)": (1.5, 1.15)}  # (batch 1, batch 32) latency vs the plain backbone
+           "multitask (inputs)": (1.5, 1.15), "multitask nchwc (adapter)": (1.5, 1.15),
+           "multitask nchwc (inputs)": (1.5, 1.15)}  # (batch 1, batch 32) latency vs the plain backbone
 
 
 # ----------------------------------------------------------------------------- building
@@ -72,9 +73,15 @@ def dir_bytes(path: Path) -> int:
 def export_all(bundle: Path, out: Path, tasks: list[str]) -> dict[str, Path]:
     from pbexport.export import main_export
 
+    from pbexport.runtime import nchwc_block_size
+
     paths = {"baked": out / "baked", "shared": out / "shared", "multitask": out / "multitask"}
     for mode, path in paths.items():
         main_export(bundle, path, mode=mode, tasks=tasks, verify=False)
+    block = nchwc_block_size()
+    if block is not None:  # the multitask graph on this CPU's blocked convolutions (--nchwc-block)
+        paths["multitask-nchwc"] = out / "multitask-nchwc"
+        main_export(bundle, paths["multitask-nchwc"], mode="multitask", tasks=tasks, verify=False, nchwc_block=block)
     return paths
 
 
@@ -111,13 +118,18 @@ def sessions_for(paths: dict[str, Path], plain: Path, task: str, threads: int) -
     ro = ort.RunOptions()
     ro.add_active_adapter(adapter)
     multi = sess(paths["multitask"] / "model.onnx")
-    return {"plain": (sess(plain), {}, None),
-            "plain (no NCHWc)": (sess(plain, ["NchwcTransformer"]), {}, None),
-            "baked": (sess(paths["baked"] / f"{task}.onnx"), {}, None),
-            "shared": (sess(paths["shared"] / f"{task}.onnx"), {}, None),
-            "multitask (adapter)": (multi, {}, ro),
-            "multitask (inputs)": (multi, read_adapter(adapter_path), None),
-            "_keep": adapter}
+    out = {"plain": (sess(plain), {}, None),
+           "plain (no NCHWc)": (sess(plain, ["NchwcTransformer"]), {}, None),
+           "baked": (sess(paths["baked"] / f"{task}.onnx"), {}, None),
+           "shared": (sess(paths["shared"] / f"{task}.onnx"), {}, None),
+           "multitask (adapter)": (multi, {}, ro),
+           "multitask (inputs)": (multi, read_adapter(adapter_path), None),
+           "_keep": adapter}
+    if "multitask-nchwc" in paths:  # the same adapter feeds it
+        blocked = sess(paths["multitask-nchwc"] / "model.onnx")
+        out["multitask nchwc (adapter)"] = (blocked, {}, ro)
+        out["multitask nchwc (inputs)"] = (blocked, read_adapter(adapter_path), None)
+    return out
 
 
 SETTLE_S = 0.05  # pause before each graph's turn: the previous session's spinning threads go idle
@@ -210,7 +222,10 @@ def bench_backbone(name: str, size: int, task_counts: list[int], args, workdir: 
     plain = workdir / "plain.onnx"
     info = export_plain(bundle, plain)
     all_tasks = info["tasks"]
-    result = {"backbone": name, "input_size": size, "masked_params": info["masked_params"],
+    from pbexport.runtime import nchwc_block_size
+
+    result = {"backbone": name, "input_size": size, "nchwc_block": nchwc_block_size(),
+              "masked_params": info["masked_params"],
               "plain_bytes": plain.stat().st_size, "by_tasks": {}}
     for n in task_counts:
         tasks = all_tasks[:n]

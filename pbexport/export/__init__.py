@@ -76,7 +76,7 @@ def _read_task(bundle, name: str) -> TaskData:
 def main_export(bundle, output, *, mode: str = "baked", tasks: list[str] | None = None,
                 opset: int = DEFAULT_OPSET, batch: int | None = None, input_size: int | None = None,
                 verify: bool = True, data: str | None = None, samples: int | None = None,
-                atol: float = DEFAULT_ATOL, force: bool = False) -> ExportResult:
+                atol: float = DEFAULT_ATOL, force: bool = False, nchwc_block: int | None = None) -> ExportResult:
     """Export ``tasks`` (None: all) of ``bundle`` (a path or a loaded Bundle) to ``output``.
 
     Args:
@@ -88,6 +88,9 @@ def main_export(bundle, output, *, mode: str = "baked", tasks: list[str] | None 
         verify: compare every file with the PyTorch task model (see :func:`verify_export`).
         data, samples, atol: what verification runs on and how close it must be.
         force: replace an existing ``output``.
+        nchwc_block: multitask only: put the graph's convolutions on onnxruntime's blocked x86 CPU kernels
+            for this block size (16 on AVX512, 8 on AVX2; see :mod:`pbexport.export.nchwc`); the graph then
+            runs only on a CPU with that block size.
 
     Returns an :class:`ExportResult`; a failed verification is in ``result.report``, not raised.
     """
@@ -98,6 +101,12 @@ def main_export(bundle, output, *, mode: str = "baked", tasks: list[str] | None 
         raise PbexportError("output exists (use --force to replace it)", str(out))
     if atol < 0:
         raise PbexportError(f"--atol must not be negative, got {atol}")
+    if nchwc_block is not None:
+        from .nchwc import check_block
+
+        if mode != "multitask":
+            raise PbexportError(f"--nchwc-block applies to the multitask mode, not {mode}")
+        check_block(nchwc_block)
     bundle = _open_bundle(bundle)
     names = _select(bundle, tasks)
     single_file = mode == "baked" and out.suffix == ".onnx"
@@ -123,7 +132,8 @@ def main_export(bundle, output, *, mode: str = "baked", tasks: list[str] | None 
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the output directory's mode
     try:
         target = tmp / out.name if single_file else tmp
-        files = _WRITERS[mode](base, task_data, target)
+        extra = {"nchwc_block": nchwc_block} if mode == "multitask" else {}
+        files = _WRITERS[mode](base, task_data, target, **extra)
         report = None
         if verify:
             report = verify_artifacts(bundle, find_artifacts(target, names), reference, atol)
@@ -171,7 +181,7 @@ def _write_shared(base, tasks: list[TaskData], target: Path) -> list[Path]:
     return files
 
 
-def _write_multitask(base, tasks: list[TaskData], target: Path) -> list[Path]:
+def _write_multitask(base, tasks: list[TaskData], target: Path, nchwc_block: int | None = None) -> list[Path]:
     import json
 
     from .multitask import (
@@ -185,7 +195,7 @@ def _write_multitask(base, tasks: list[TaskData], target: Path) -> list[Path]:
         write_adapter,
     )
 
-    mg = multitask_graph(base, any(t.info["train_bn"] for t in tasks), [t.name for t in tasks])
+    mg = multitask_graph(base, any(t.info["train_bn"] for t in tasks), [t.name for t in tasks], nchwc_block)
     _save(mg.model, target / MODEL_FILE)
     (target / ADAPTER_DIR).mkdir()
     files = [target / MODEL_FILE]

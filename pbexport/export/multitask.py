@@ -50,6 +50,7 @@ from .graph import (
     set_num_classes,
     unpack_nodes,
 )
+from .nchwc import BlockedFilter, scale_nodes, to_nchwc
 
 MODE = "multitask"
 MODEL_FILE = "model.onnx"
@@ -68,12 +69,15 @@ class MultitaskGraph:
     # BN module -> (the conv's own bias, ndim of the conv weight)
     folded: dict[str, tuple[np.ndarray | None, int]] = field(default_factory=dict)
     loose_bn: list[str] = field(default_factory=list)  # BN modules left as nodes (their tensors are inputs)
+    blocked: dict[str, BlockedFilter] = field(default_factory=dict)  # --nchwc-block: weight (and mask) layout
 
     def inputs(self) -> dict[str, onnx.ValueInfoProto]:
         return {v.name: v for v in self.model.graph.input[1:]}
 
 
-def multitask_graph(base: BaseGraph, task_bn: bool, tasks: list[str]) -> MultitaskGraph:
+def multitask_graph(base: BaseGraph, task_bn: bool, tasks: list[str],
+                    nchwc_block: int | None = None) -> MultitaskGraph:
+    """The multitask graph; with ``nchwc_block``, its convs on onnxruntime's NCHWc kernels (see .nchwc)."""
     model = copy.deepcopy(base.model)
     g = model.graph
     arrays = {t.name: numpy_helper.to_array(t) for t in g.initializer}
@@ -113,8 +117,17 @@ def multitask_graph(base: BaseGraph, task_bn: bool, tasks: list[str]) -> Multita
         lnodes, lconsts, lut = lut_nodes()
         front += lnodes
         consts += lconsts
+    if nchwc_block is not None:  # masked conv weights (and so their masks) in the NCHWc filter layout
+        current = {t.name: t for t in g.initializer}  # BN may have been folded into them above
+        for conv in [n for n in g.node if n.op_type == "Conv" and n.input[1] in base.masked]:
+            shape = tuple(arrays[conv.input[1]].shape)
+            if all(a.name != "group" or a.i == 1 for a in conv.attribute) and BlockedFilter.fits(shape, nchwc_block):
+                f = BlockedFilter(shape, nchwc_block)
+                mg.blocked[conv.input[1]] = f
+                replace_initializer(g, conv.input[1], f.apply(numpy_helper.to_array(current[conv.input[1]])))
     for name in base.masked:
-        shape = list(arrays[name].shape)
+        f = mg.blocked.get(name)
+        shape = list(f.padded if f else arrays[name].shape)
         packed = pack_bits(np.ones(shape, bool))  # default: keep every weight (the plain backbone)
         consts.append(numpy_helper.from_array(packed, name + MASK_SUFFIX))
         overridable[name + MASK_SUFFIX] = list(packed.shape)
@@ -124,7 +137,12 @@ def multitask_graph(base: BaseGraph, task_bn: bool, tasks: list[str]) -> Multita
         effective[name] = f"{name}.masked"
     for weight, scale in scales.items():
         src = effective.get(weight, weight)
-        front.append(helper.make_node("Mul", [src, scale], [f"{weight}.scaled"]))
+        if weight in mg.blocked:
+            nodes, extra = scale_nodes(src, scale, mg.blocked[weight], f"{weight}.scaled")
+            front += nodes
+            consts += extra
+        else:
+            front.append(helper.make_node("Mul", [src, scale], [f"{weight}.scaled"]))
         effective[weight] = f"{weight}.scaled"
     for weight, eff in effective.items():  # front is not in g yet: only the backbone's nodes are rewired
         rewire(g, weight, eff)
@@ -150,7 +168,11 @@ def multitask_graph(base: BaseGraph, task_bn: bool, tasks: list[str]) -> Multita
     for name, dims in overridable.items():
         g.input.append(helper.make_tensor_value_info(name, types[name], dims))
     set_num_classes(model, base, CLASSES_DIM)
-    finish(model, metadata(base, MODE, tasks=tasks))
+    md = metadata(base, MODE, tasks=tasks)
+    if nchwc_block is not None:
+        to_nchwc(model, {effective[w]: f for w, f in mg.blocked.items()})
+        md["nchwc_block"] = str(nchwc_block)
+    finish(model, md)
     return mg
 
 
@@ -159,7 +181,9 @@ def adapter_tensors(mg: MultitaskGraph, base: BaseGraph, task: TaskData) -> dict
     check_task_tensors(base, task)
     out: dict[str, np.ndarray] = {}
     for name, mask in task.masks.items():
-        out[name + MASK_SUFFIX] = pack_graph_mask(base, name, mask)
+        f = mg.blocked.get(name)
+        out[name + MASK_SUFFIX] = (pack_bits(f.apply(np.asarray(mask, bool))) if f
+                                   else pack_graph_mask(base, name, mask))
     for name in base.head_tensors():
         out[name] = base.to_graph_layout(name, np.asarray(task.tensors[name], np.float32))
     if task.info["train_bn"] and mg.task_bn:
