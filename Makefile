@@ -27,7 +27,7 @@ lint: setup
 	$(BIN)/ruff check pbexport tests tools
 
 # Every benchmark in sequence, then BENCHMARKS.md (tools/write_benchmarks.py). Results go to bench-out/.
-# Training, export, runtime and int8 take about 15 minutes on 2 cores; the accuracy benchmark runs last and
+# Training, export, runtime and int8 take about 25 minutes on 2 cores; the accuracy benchmark runs last and
 # takes hours: 2 backbones x 2 datasets x 4 methods x 3 seeds, 10 epochs each (the default piggyback-bn
 # trains each task twice, to choose its BN lr); a cifar_resnet20 run takes 3-6 minutes on 2 cores, a
 # cifar_resnet56 run 11-17 minutes; --frontier adds 21 recipes x 2 datasets on cifar_resnet20 (about
@@ -57,7 +57,7 @@ lint: setup
 bench: setup
 	$(BIN)/python tools/bench_record.py restore
 	$(BIN)/python tools/bench_train.py
-	$(BIN)/python tools/bench_export.py
+	$(BIN)/python tools/bench_export.py --repeats 40
 	$(BIN)/python tools/bench_export.py --clock cpu --threads 1 --repeats 40 --out bench-out/export-cpu1.json
 	$(BIN)/python tools/bench_runtime.py
 	$(BIN)/python tools/bench_runtime.py --backbone resnet18 --input-size 64 --out bench-out/runtime-resnet18.json

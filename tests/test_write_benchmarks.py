@@ -1,6 +1,7 @@
 """tools/write_benchmarks.py: BENCHMARKS.md judges every goal from the result files alone; a figure
 without a result is 'not measured', never invented; missing accuracy runs say what they still need."""
 
+import copy
 import json
 import os
 import statistics
@@ -427,3 +428,49 @@ def test_each_export_file_says_the_pause_it_was_timed_with(tmp_path):
     assert any(h.startswith("### `export.json`") and "20 ms pause" in h for h in headings), headings
     # written before bench_export recorded it: the pause it had then
     assert any(h.startswith("### `export-cpu1.json`") and "50 ms pause" in h for h in headings), headings
+
+
+def _latency_row(goals, mode, backbone):
+    return next(v for k, v in goals.items() if k.startswith(f"{mode} latency / plain backbone, {backbone} "))
+
+
+def _goal_line(text, mode, backbone):
+    return next(line for line in text.splitlines() if f"| {mode} latency / plain backbone, {backbone} " in line)
+
+
+def test_the_nchwc_multitask_graph_has_its_own_goal_row_and_the_portable_one_points_to_it(tmp_path):
+    recorded = json.loads((REPO / "bench-record" / "export.json").read_text())
+    nchwc = ("multitask nchwc (adapter)", "multitask nchwc (inputs)")
+    old = copy.deepcopy(recorded)  # results from before --nchwc-block
+    for r in old["results"]:
+        r.pop("op_counts", None)
+        for lat in r.get("latency", {}).values():
+            for mode in nchwc:
+                lat.pop(mode, None)
+    new = copy.deepcopy(old)
+    for r in new["results"]:
+        r["op_counts"] = {"plain": 138, "unpack": 330}
+        for batch, ratio in (("1", 2.0), ("32", 1.05)):
+            plain = r["latency"][batch]["plain"]
+            for mode in nchwc:
+                r["latency"][batch][mode] = {**plain, "median_s": plain["median_s"] * ratio, "x_plain": ratio}
+    res = tmp_path / "bench-out"
+    res.mkdir()
+    backbone = old["results"][0]["backbone"]
+
+    (res / "export.json").write_text(json.dumps(old))
+    text, goals = write(tmp_path, res)
+    assert not [k for k in goals if k.startswith("multitask nchwc")]
+    assert _latency_row(goals, "multitask (adapter)", backbone)[1] == "MISSED"
+    row = _goal_line(text, "multitask (adapter)", backbone)
+    assert "Would close it: the convs on NCHWc kernels with computed weights (`--nchwc-block`)" in row
+
+    (res / "export.json").write_text(json.dumps(new))
+    text, goals = write(tmp_path, res)
+    assert _latency_row(goals, "multitask nchwc (adapter)", backbone) == (
+        "2.00 / 1.05 (wall clock, 2 thr)", "MISSED")  # batch 1 misses its 1.5
+    row = _goal_line(text, "multitask nchwc (adapter)", backbone)
+    assert "batch 32 is within its target (1.05x)" in row and "in 330 nodes (the whole plain graph runs 138)" in row
+    row = _goal_line(text, "multitask (adapter)", backbone)
+    assert "`--nchwc-block` does the transformer's work at export (next row): 2.00 / 1.05x" in row
+    assert "multitask nchwc (adapter) | " in text  # in the per-file latency table too

@@ -1,13 +1,15 @@
 """Benchmark the three ONNX export modes against the plain backbone (disk, latency, load, memory).
 
 For each backbone: train N tiny tasks (1 step each on random images; every second task with per-task
-BN), pack them into a bundle, export all three modes (plus the plain backbone graph), then
+BN), pack them into a bundle, export all three modes (plus the plain backbone graph, and the multitask
+graph with --nchwc-block for this CPU's block size where onnxruntime has NCHWc kernels), then
 
 - disk bytes per mode for N = 1, 3, 10 tasks, and the shared-mode bound
   backbone data + N x 1.1 bit per masked parameter + the tasks' heads (+ per-task BN);
 - CPU latency at batch 1 and 32: onnxruntime, --threads intra-op threads, every session created up
   front and run in --repeats interleaved rounds, each in a fresh random order (plain, plain without
-  NCHWc, baked, shared, multitask through its adapter and with its tensors fed as inputs), medians;
+  NCHWc, baked, shared, multitask and multitask nchwc, each through its adapter and with its tensors
+  fed as inputs), medians; and the nodes per run of the plain graph and of the nchwc graph's unpack;
 - session creation time and resident memory with all N tasks loaded at once (each in a fresh
   subprocess: N baked sessions, N shared sessions, or one multitask session + N adapters).
 
@@ -72,7 +74,6 @@ def dir_bytes(path: Path) -> int:
 
 def export_all(bundle: Path, out: Path, tasks: list[str]) -> dict[str, Path]:
     from pbexport.export import main_export
-
     from pbexport.runtime import nchwc_block_size
 
     paths = {"baked": out / "baked", "shared": out / "shared", "multitask": out / "multitask"}
@@ -125,11 +126,42 @@ def sessions_for(paths: dict[str, Path], plain: Path, task: str, threads: int) -
            "multitask (adapter)": (multi, {}, ro),
            "multitask (inputs)": (multi, read_adapter(adapter_path), None),
            "_keep": adapter}
-    if "multitask-nchwc" in paths:  # the same adapter feeds it
+    if "multitask-nchwc" in paths:  # its own adapters: masks and BN scales in the blocked layout
+        blocked_path = paths["multitask-nchwc"] / "adapters" / f"{task}.onnx_adapter"
+        blocked_adapter = ort.LoraAdapter()
+        blocked_adapter.Load(str(blocked_path))
+        blocked_ro = ort.RunOptions()
+        blocked_ro.add_active_adapter(blocked_adapter)
         blocked = sess(paths["multitask-nchwc"] / "model.onnx")
-        out["multitask nchwc (adapter)"] = (blocked, {}, ro)
-        out["multitask nchwc (inputs)"] = (blocked, read_adapter(adapter_path), None)
+        out["multitask nchwc (adapter)"] = (blocked, {}, blocked_ro)
+        out["multitask nchwc (inputs)"] = (blocked, read_adapter(blocked_path), None)
+        out["_keep_nchwc"] = blocked_adapter
     return out
+
+
+def op_counts(plain: Path, nchwc: Path, threads: int) -> dict[str, int]:
+    """Nodes per run after onnxruntime's optimizations: the plain graph's, and the NCHWc multitask graph's
+    that compute weights from the task's tensors (fed per run: nothing folds them), i.e. the unpack."""
+    import onnx
+    import onnxruntime as ort
+
+    def optimized(path: Path) -> onnx.GraphProto:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        so.optimized_model_filepath = str(path.with_suffix(".optimized.onnx"))
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return onnx.load(so.optimized_model_filepath).graph
+
+    g = optimized(nchwc)
+    image, task = {g.input[0].name}, {i.name for i in g.input[1:]}
+    for node in g.node:  # topological order: what depends on the image, what on the task's tensors only
+        if image & set(node.input):
+            image.update(node.output)
+        elif task & set(node.input):
+            task.update(node.output)
+    unpack = sum(1 for n in g.node if set(n.output) & task and not set(n.output) & image)
+    return {"plain": len(optimized(plain).node), "unpack": unpack}
 
 
 SETTLE_S = 0.05  # pause before each graph's turn: the previous session's spinning threads go idle
@@ -247,6 +279,8 @@ def bench_backbone(name: str, size: int, task_counts: list[int], args, workdir: 
         entry["memory"]["plain"] = measure_memory("plain", [plain] * n, size, args.threads)
         result["by_tasks"][n] = entry
         if n == max(task_counts):
+            if "multitask-nchwc" in paths:
+                result["op_counts"] = op_counts(plain, paths["multitask-nchwc"] / "model.onnx", args.threads)
             result["latency"] = {}
             sessions = sessions_for(paths, plain, tasks[0], args.threads)
             for batch, reps, inner in ((1, args.repeats, 7), (32, max(3, args.repeats // 4), 3)):

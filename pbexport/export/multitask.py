@@ -50,7 +50,7 @@ from .graph import (
     set_num_classes,
     unpack_nodes,
 )
-from .nchwc import BlockedFilter, scale_nodes, to_nchwc
+from .nchwc import BlockedFilter, to_nchwc
 
 MODE = "multitask"
 MODEL_FILE = "model.onnx"
@@ -70,6 +70,12 @@ class MultitaskGraph:
     folded: dict[str, tuple[np.ndarray | None, int]] = field(default_factory=dict)
     loose_bn: list[str] = field(default_factory=list)  # BN modules left as nodes (their tensors are inputs)
     blocked: dict[str, BlockedFilter] = field(default_factory=dict)  # --nchwc-block: weight (and mask) layout
+    scale_filters: dict[str, BlockedFilter] = field(default_factory=dict)  # BN module -> its blocked conv
+
+    def scale_layout(self, module: str, scale: np.ndarray) -> np.ndarray:
+        """A folded BN's per-channel scale as the graph multiplies it into its conv's weight."""
+        f = self.scale_filters.get(module)
+        return scale.reshape(-1, 1, 1, 1) if f is None else f.scale_view(scale)
 
     def inputs(self) -> dict[str, onnx.ValueInfoProto]:
         return {v.name: v for v in self.model.graph.input[1:]}
@@ -87,6 +93,11 @@ def multitask_graph(base: BaseGraph, task_bn: bool, tasks: list[str],
     consts: list[TensorProto] = []
     effective: dict[str, str] = {}  # weight -> tensor the conv reads instead
     scales: dict[str, str] = {}  # conv weight -> per-task scale input
+    if nchwc_block is not None:  # masked conv weights (and so their masks) go into the NCHWc filter layout
+        for conv in [n for n in g.node if n.op_type == "Conv" and n.input[1] in base.masked]:
+            shape = tuple(arrays[conv.input[1]].shape)
+            if all(a.name != "group" or a.i == 1 for a in conv.attribute) and BlockedFilter.fits(shape, nchwc_block):
+                mg.blocked[conv.input[1]] = BlockedFilter(shape, nchwc_block)
 
     for conv, bn, module in conv_bn_pairs(base, g):
         gamma, beta, mean, var = (arrays[f"{module}.{k}"] for k in ("weight", "bias", "running_mean", "running_var"))
@@ -95,8 +106,11 @@ def multitask_graph(base: BaseGraph, task_bn: bool, tasks: list[str],
         scale, shift = bn_scale_shift(gamma, beta, mean, var, base.eps[module], bias)
         col = (-1,) + (1,) * (arrays[weight].ndim - 1)
         if task_bn:
-            consts.append(numpy_helper.from_array(scale.reshape(col), f"{module}.scale"))
-            overridable[f"{module}.scale"] = list(scale.reshape(col).shape)
+            if weight in mg.blocked:
+                mg.scale_filters[module] = mg.blocked[weight]
+            value = mg.scale_layout(module, scale)
+            consts.append(numpy_helper.from_array(value, f"{module}.scale"))
+            overridable[f"{module}.scale"] = list(value.shape)
             overridable[f"{module}.shift"] = list(shift.shape)
             scales[weight] = f"{module}.scale"
         else:
@@ -117,17 +131,13 @@ def multitask_graph(base: BaseGraph, task_bn: bool, tasks: list[str],
         lnodes, lconsts, lut = lut_nodes()
         front += lnodes
         consts += lconsts
-    if nchwc_block is not None:  # masked conv weights (and so their masks) in the NCHWc filter layout
-        current = {t.name: t for t in g.initializer}  # BN may have been folded into them above
-        for conv in [n for n in g.node if n.op_type == "Conv" and n.input[1] in base.masked]:
-            shape = tuple(arrays[conv.input[1]].shape)
-            if all(a.name != "group" or a.i == 1 for a in conv.attribute) and BlockedFilter.fits(shape, nchwc_block):
-                f = BlockedFilter(shape, nchwc_block)
-                mg.blocked[conv.input[1]] = f
-                replace_initializer(g, conv.input[1], f.apply(numpy_helper.to_array(current[conv.input[1]])))
+    current = {t.name: t for t in g.initializer}  # BN may have been folded into the weights above
+    for name, f in mg.blocked.items():  # a weight with a per-task scale is kept in the scale's [O/B, -1, B] view
+        value = f.apply(numpy_helper.to_array(current[name]))
+        replace_initializer(g, name, value.reshape(f.view) if name in scales else value)
     for name in base.masked:
         f = mg.blocked.get(name)
-        shape = list(f.padded if f else arrays[name].shape)
+        shape = list(arrays[name].shape) if f is None else list(f.view if name in scales else f.padded)
         packed = pack_bits(np.ones(shape, bool))  # default: keep every weight (the plain backbone)
         consts.append(numpy_helper.from_array(packed, name + MASK_SUFFIX))
         overridable[name + MASK_SUFFIX] = list(packed.shape)
@@ -137,10 +147,11 @@ def multitask_graph(base: BaseGraph, task_bn: bool, tasks: list[str],
         effective[name] = f"{name}.masked"
     for weight, scale in scales.items():
         src = effective.get(weight, weight)
-        if weight in mg.blocked:
-            nodes, extra = scale_nodes(src, scale, mg.blocked[weight], f"{weight}.scaled")
-            front += nodes
-            consts += extra
+        if weight in mg.blocked:  # [O/B, -1, B] x [O/B, 1, B], then the conv's 4-D filter
+            f = mg.blocked[weight]
+            consts.append(numpy_helper.from_array(np.array(f.padded, np.int64), f"{weight}.filter"))
+            front += [helper.make_node("Mul", [src, scale], [f"{weight}.scaled_view"]),
+                      helper.make_node("Reshape", [f"{weight}.scaled_view", f"{weight}.filter"], [f"{weight}.scaled"])]
         else:
             front.append(helper.make_node("Mul", [src, scale], [f"{weight}.scaled"]))
         effective[weight] = f"{weight}.scaled"
@@ -191,7 +202,8 @@ def adapter_tensors(mg: MultitaskGraph, base: BaseGraph, task: TaskData) -> dict
         for module, (bias, ndim) in mg.folded.items():
             scale, shift = bn_scale_shift(*(t[f"{module}.{k}"] for k in ("weight", "bias", "running_mean",
                                                                            "running_var")), base.eps[module], bias)
-            out[f"{module}.scale"] = scale.reshape((-1,) + (1,) * (ndim - 1))
+            out[f"{module}.scale"] = (mg.scale_layout(module, scale) if module in mg.scale_filters
+                                      else scale.reshape((-1,) + (1,) * (ndim - 1)))
             out[f"{module}.shift"] = shift
         for module in mg.loose_bn:
             for k in ("weight", "bias", "running_mean", "running_var"):

@@ -12,7 +12,8 @@ export does the transformer's work instead:
   input and takes OIHWBo), and so is its mask: the adapters pack the mask bits in that order, so the
   in-graph unpack yields them blocked and W_eff costs what it costs in the portable graph;
 - :func:`to_nchwc` then moves those convs to ``nchwc.Conv``, keeps activations blocked between them
-  (ReorderInput/Output at the edges; elementwise Relu/Add pass through) and fuses Conv -> Add -> Relu
+  (ReorderInput/Output at the edges; elementwise Relu/Add pass through, MaxPool and GlobalAveragePool
+  have NCHWc kernels too) and fuses Conv -> Add -> Relu
   into one Conv (its Sum input and activation), as the transformer does.
 
 The block size is the CPU's, so the graph is bound to it: it carries a check (ReorderInput of a
@@ -34,6 +35,9 @@ DOMAIN = "com.microsoft.nchwc"
 BLOCK_SIZES = (8, 16)  # MLAS: 8 floats per block with AVX2, 16 with AVX512
 _PASS_THROUGH = {"Relu", "Add"}  # elementwise: blocked tensors in, the same blocked tensor out
 _CONV_ATTRS = ("pads", "strides", "dilations", "kernel_shape", "auto_pad")
+# pooling with an nchwc kernel, and the attributes that kernel takes
+_POOLS = {"MaxPool": ("auto_pad", "kernel_shape", "dilations", "pads", "strides", "ceil_mode"),
+          "GlobalAveragePool": ()}
 CHECK_NODE = "nchwc_block_check"
 
 
@@ -64,6 +68,18 @@ class BlockedFilter:
         up = lambda n: -(-n // self.block) * self.block  # noqa: E731
         return up(o), (i if self.first else up(i)), kh, kw
 
+    @property
+    def view(self) -> tuple[int, int, int]:
+        """The blocked filter as [O/B, -1, B]: output channels are its outer and innermost axes, so a
+        per-output-channel scale of shape [O/B, 1, B] (:meth:`scale_view`) broadcasts over it."""
+        op, ip, kh, kw = self.padded
+        return op // self.block, ip * kh * kw, self.block
+
+    def scale_view(self, scale: np.ndarray) -> np.ndarray:
+        full = np.ones(self.padded[0], np.float32)
+        full[: self.shape[0]] = np.asarray(scale, np.float32).reshape(-1)
+        return full.reshape(self.view[0], 1, self.block)
+
     def apply(self, w: np.ndarray) -> np.ndarray:
         """OIHW -> the blocked layout (zero-padded), as an array of shape ``padded``."""
         b, (o, i, kh, kw), (op, ip, _, _) = self.block, self.shape, self.padded
@@ -74,25 +90,6 @@ class BlockedFilter:
         else:  # OIHWBiBo
             out = full.reshape(op // b, b, ip // b, b, kh, kw).transpose(0, 2, 4, 5, 3, 1)
         return np.ascontiguousarray(out).reshape(op, ip, kh, kw)
-
-
-def scale_nodes(weight: str, scale: str, f: BlockedFilter, out: str) -> tuple[list, list]:
-    """``weight`` (blocked) times a per-output-channel ``scale`` [O, 1, 1, 1]: output channels are the
-    outer and the innermost axis of the blocked layout, so both are viewed as [O/B, -1, B]."""
-    op, b = f.padded[0], f.block
-    nodes, consts = [], []
-    if op != f.shape[0]:
-        consts.append(numpy_helper.from_array(np.array([0, 0, 0, 0, op - f.shape[0], 0, 0, 0], np.int64),
-                                              f"{scale}.pads"))
-        nodes.append(helper.make_node("Pad", [scale, f"{scale}.pads"], [f"{scale}.padded"]))
-        scale = f"{scale}.padded"
-    for name, dims in ((f"{out}.view", [op // b, -1, b]), (f"{out}.shape", list(f.padded))):
-        consts.append(numpy_helper.from_array(np.array(dims, np.int64), name))
-    nodes += [helper.make_node("Reshape", [weight, f"{out}.view"], [f"{weight}.view"]),
-              helper.make_node("Reshape", [scale, f"{out}.view"], [f"{scale}.view"]),
-              helper.make_node("Mul", [f"{weight}.view", f"{scale}.view"], [f"{out}.view_out"]),
-              helper.make_node("Reshape", [f"{out}.view_out", f"{out}.shape"], [out])]
-    return nodes, consts
 
 
 def to_nchwc(model: onnx.ModelProto, filters: dict[str, BlockedFilter]) -> onnx.ModelProto:
@@ -107,6 +104,9 @@ def to_nchwc(model: onnx.ModelProto, filters: dict[str, BlockedFilter]) -> onnx.
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
         if node.op_type == "Conv" and node.input[1] in filters and group == 1:
             rw.conv(node, filters[node.input[1]])
+        elif node.op_type in _POOLS and node.input[0] in rw.blocked and len(node.output) == 1 and all(
+                a.name in _POOLS[node.op_type] or (a.name, a.i) == ("storage_order", 0) for a in node.attribute):
+            rw.pool(node)
         elif node.op_type in _PASS_THROUGH and all(i in rw.blocked and i in shapes for i in node.input) \
                 and len({shapes[i] for i in node.input}) == 1:  # no broadcasting over a blocked layout
             rw.pass_through(node)
@@ -173,6 +173,11 @@ class _Rewriter:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name in _CONV_ATTRS}
         attrs.setdefault("kernel_shape", [kh, kw])
         self.blocked[node.output[0]] = (self._node("Conv", inputs, node.output[0], DOMAIN, **attrs), out_ch)
+
+    def pool(self, node: onnx.NodeProto) -> None:
+        src, channels = self.blocked[node.input[0]]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "storage_order"}
+        self.blocked[node.output[0]] = (self._node(node.op_type, [src], node.output[0], DOMAIN, **attrs), channels)
 
     def pass_through(self, node: onnx.NodeProto) -> None:
         src = [self.blocked[i][0] for i in node.input]
