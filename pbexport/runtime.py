@@ -57,7 +57,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".gif", ".tif
 ARRAY_SUFFIX = ".npy"  # NCHW or CHW, float in [0, 1] or uint8
 DEFAULT_CACHE_SIZE = 4
 DEFAULT_BATCH = 32  # images per run; bounds the activation memory of a dynamic-batch graph
-FEEDS = ("adapter", "inputs")  # multitask: how a task's tensors reach the graph (see MultitaskEngine)
+FEEDS = ("adapter", "inputs", "weights")  # multitask: how a task's tensors reach the graph (see MultitaskEngine)
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 _ALPHA_MODES = {"RGBA": "RGB", "LA": "L", "PA": "P", "RGBa": "RGB", "La": "L"}
@@ -688,6 +688,12 @@ class MultitaskEngine(Engine):
 
     Optimization level ``all``: the masked weights are computed per run from fed tensors, so nothing of
     them is folded or shared at any level, and ``all`` measured as fast as ``extended`` or faster.
+
+    ``feed="weights"`` unpacks once per task switch instead: loading a task runs the graph once (through
+    its adapter, on a blank image) for the computed weights, and each run then goes through the export's
+    ``body.onnx`` (the graph after the weights) with them as inputs. A run then costs what a graph with
+    plain weights costs; with ``--nchwc-block`` that is the plain backbone's speed (BENCHMARKS.md). A
+    switch to a task not cached costs that one run, and each cached task holds a full copy of the weights.
     """
 
     mode = "multitask"
@@ -715,6 +721,13 @@ class MultitaskEngine(Engine):
             self.tensor_names[task] = list(entry.get("tensors", []))
         self._sess = None
         self._feeds: OrderedDict[str, object] = OrderedDict()
+        self.body_file, self.weight_names = None, list(index.get("weights") or [])
+        if feed == "weights":
+            if not isinstance(index.get("body"), str) or not self.weight_names:
+                raise PbexportError("this export has no body graph for feed='weights' (exported by an older "
+                                    "pbexport: export it again, or use feed='adapter')", where)
+            self.body_file = path / index["body"]
+        self._body = None
 
     def loaded(self) -> list[str]:
         with self._lock:
@@ -730,14 +743,39 @@ class MultitaskEngine(Engine):
             self._device = ("cuda", 0) if self._sess.get_providers()[0] == PROVIDERS["cuda"] else ("cpu", 0)
         return self._sess
 
-    def _load_feed(self, task: str):
+    def _weights_feed(self, task: str) -> dict:
+        """Run the graph once on a blank image through the task's adapter: its computed weights, and the
+        adapter's tensors the body reads too, as the body's feed."""
         import onnxruntime as ort
 
+        if self._body is None:
+            self._body = self._session(self.body_file)
+        _adapter, opts = self._load_feed(task, "adapter")
+        shape = self._sess.get_inputs()[0].shape
+        blank = np.zeros([d if isinstance(d, int) else 1 for d in shape], np.float32)
+        values = self._sess.run(self.weight_names, {self._input_name: blank}, opts)
+        feed = dict(zip(self.weight_names, values, strict=True))
+        wanted = {i.name for i in self._body.get_inputs()[1:]} | {
+            i.name for i in self._body.get_overridable_initializers()}
+        fmt = ort.AdapterFormat.read_adapter(str(self.adapters[task]))
+        # .numpy() views memory that the AdapterFormat owns: copy while it is alive
+        feed.update({k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items() if k in wanted})
+        del fmt
+        if self._device[0] == "cuda":
+            feed = {k: ort.OrtValue.ortvalue_from_numpy(v, *self._device) for k, v in feed.items()}
+        return feed
+
+    def _load_feed(self, task: str, how: str | None = None):
+        import onnxruntime as ort
+
+        how = how or self.feed
+        if how == "weights":
+            return self._weights_feed(task)
         file = self.adapters[task]
         if not file.is_file():
             raise PbexportError(f"adapter of task {task!r} is missing", str(file))
         try:
-            if self.feed == "adapter":
+            if how == "adapter":
                 adapter = ort.LoraAdapter()
                 adapter.Load(str(file))
                 names = self.tensor_names[task]
@@ -778,6 +816,8 @@ class MultitaskEngine(Engine):
             self._feeds[task] = feed
             self.stats["loads"] += 1
         out_names, in_name = [self._output_name], self._input_name
+        if self.feed == "weights":  # the body graph, the task's computed weights as inputs
+            sess = self._body
         if self.feed == "adapter":
             _, opts = feed
 
@@ -800,7 +840,7 @@ class MultitaskEngine(Engine):
     def close(self) -> None:
         with self._lock:
             self._feeds.clear()
-            self._sess = None
+            self._sess = self._body = None
 
 
 # --------------------------------------------------------------------------- opening
@@ -818,7 +858,7 @@ def open_model(path: str | Path, providers=None, cache_size: int = DEFAULT_CACHE
         threads: onnxruntime intra-op threads (None: onnxruntime's default).
         optimization: onnxruntime graph optimization level (disable, basic, extended, all); None: "all"
             for .onnx files, "basic" for ORT-format (.ort) files.
-        feed: multitask only: "adapter" (default) or "inputs" (see :class:`MultitaskEngine`).
+        feed: multitask only: "adapter" (default), "inputs" or "weights" (see :class:`MultitaskEngine`).
     """
     p = Path(path)
     kw = {"providers": resolve_providers(providers), "cache_size": cache_size, "batch_size": batch_size,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ from pbexport.backbones import build_architecture
 from pbexport.bundle import load_bundle, pack_runs
 from pbexport.export import main_export, verify_export
 from pbexport.export.verify import read_adapter
+from pbexport.runtime import open_model
 from pbexport.training import TrainConfig, train
 
 # (task, classes, method, per-task BN): different class counts, one task with its own BN, one head-only
@@ -106,7 +108,7 @@ def test_every_mode_passes_verification(bundle, tmp_path):
         result = main_export(bundle, tmp_path / mode, mode=mode, samples=16)
         assert result.ok, result.report.summary()
         checks = result.report.checks
-        assert len(checks) == (6 if mode == "multitask" else 3)
+        assert len(checks) == (9 if mode == "multitask" else 3)  # adapter, inputs, weights
         for c in checks:
             assert c.max_diff <= 1e-4 and c.top1 == 1.0
             assert c.shape == (16, b.task_info(c.task)["num_classes"])
@@ -190,6 +192,17 @@ def test_multitask_adapters_inputs_iobinding_and_task_switching(exports, r20_bun
         via_binding = binding.copy_outputs_to_cpu()[0]
         for out in (via_adapter, via_inputs, via_binding):
             assert out.shape == ref.shape and np.abs(out - ref).max() <= 1e-4
+    # feed="weights": the graph's computed weights once per task (extra outputs of model.onnx), then body.onnx
+    assert index["body"] == "body.onnx" and len(index["weights"]) == len(load_bundle(r20_bundle).masked_names)
+    assert [o.name for o in sess.get_outputs()] == ["logits", *index["weights"]]
+    with open_model(d, feed="weights") as engine:
+        for task in ["alpha", "gamma", "beta", "alpha"]:
+            assert np.abs(engine.logits(x, task=task) - _reference(r20_bundle, task, x)).max() <= 1e-4
+    old = d.parent / "old-multitask"  # exported before body.onnx: feed="weights" says so
+    shutil.copytree(d, old)
+    (old / "tasks.json").write_text(json.dumps({k: v for k, v in index.items() if k not in ("body", "weights")}))
+    with pytest.raises(PbexportError, match="no body graph for feed='weights'"):
+        open_model(old, feed="weights")
     # no adapter: the defaults are the plain backbone with its own classifier
     with torch.no_grad():
         plain = load_bundle(r20_bundle).backbone()
@@ -281,7 +294,8 @@ def test_fixed_batch_input_size_and_opset(r20_bundle, tmp_path):
 # ----------------------------------------------------------------------------- verify
 def test_verify_later_and_detects_a_wrong_model(exports, r20_bundle, tmp_path):
     report = verify_export(r20_bundle, exports["multitask"], tasks=["beta"], samples=4)
-    assert report.ok and [c.mode for c in report.checks] == ["multitask (adapter)", "multitask (inputs)"]
+    assert report.ok and [c.mode for c in report.checks] == ["multitask (adapter)", "multitask (inputs)",
+                                                             "multitask (weights)"]
     # a baked file whose head was tampered with fails on tolerance, and the table says so
     model = onnx.load(str(exports["baked"] / "beta.onnx"))
     for t in model.graph.initializer:

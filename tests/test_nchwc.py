@@ -49,7 +49,7 @@ def test_the_runtime_probe_is_the_model_onnx_builds():
 def test_nchwc_multitask_matches_torch_and_the_portable_graph(bundle, tmp_path):
     result = main_export(bundle, tmp_path / "nchwc", mode="multitask", nchwc_block=BLOCK, samples=16)
     assert result.ok, result.report.summary()  # every task, adapter and inputs, against the PyTorch model
-    assert [c.max_diff <= 1e-4 for c in result.report.checks] == [True] * 6
+    assert [c.max_diff <= 1e-4 for c in result.report.checks] == [True] * 9  # adapter, inputs, weights
     main_export(bundle, tmp_path / "plain", mode="multitask", verify=False)
     ops, plain_ops = _ops(tmp_path / "nchwc" / "model.onnx"), _ops(tmp_path / "plain" / "model.onnx")
     # every conv moved to the blocked kernels, and the Conv -> Add -> Relu chains were fused into them
@@ -69,8 +69,12 @@ def test_nchwc_multitask_matches_torch_and_the_portable_graph(bundle, tmp_path):
     assert sorted(feeds["nchwc"]) == sorted(feeds["plain"])
     assert any(not np.array_equal(v, feeds["plain"][k]) for k, v in feeds["nchwc"].items() if k.endswith(".mask"))
     np.testing.assert_allclose(logits["nchwc"], logits["plain"], atol=1e-4)
-    with open_model(tmp_path / "nchwc") as engine:
-        np.testing.assert_allclose(engine.logits(x, task="alpha"), logits["plain"], atol=1e-4)
+    for feed in ("adapter", "weights"):  # weights: unpacked once for the task, then the body graph per run
+        with open_model(tmp_path / "nchwc", feed=feed) as engine:
+            for task in ("alpha", "beta", "alpha"):
+                got = engine.logits(x, task=task)
+                if task == "alpha":
+                    np.testing.assert_allclose(got, logits["plain"], atol=1e-4)
 
 
 def test_blocked_filter_layout_is_the_kernels():

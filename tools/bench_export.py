@@ -42,7 +42,8 @@ DEFAULT_BACKBONES = ["resnet18", "cifar_resnet56"]
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 TARGETS = {"baked": (1.03, 1.03), "shared": (1.03, 1.03), "multitask (adapter)": (1.5, 1.15),
            "multitask (inputs)": (1.5, 1.15), "multitask nchwc (adapter)": (1.5, 1.15),
-           "multitask nchwc (inputs)": (1.5, 1.15)}  # (batch 1, batch 32) latency vs the plain backbone
+           "multitask nchwc (inputs)": (1.5, 1.15), "multitask (weights)": (1.5, 1.15),
+           "multitask nchwc (weights)": (1.5, 1.15)}  # (batch 1, batch 32) latency vs the plain backbone
 
 
 # ----------------------------------------------------------------------------- building
@@ -126,6 +127,7 @@ def sessions_for(paths: dict[str, Path], plain: Path, task: str, threads: int) -
            "multitask (adapter)": (multi, {}, ro),
            "multitask (inputs)": (multi, read_adapter(adapter_path), None),
            "_keep": adapter}
+    out["multitask (weights)"] = weights_session(paths["multitask"], task, multi, sess)
     if "multitask-nchwc" in paths:  # its own adapters: masks and BN scales in the blocked layout
         blocked_path = paths["multitask-nchwc"] / "adapters" / f"{task}.onnx_adapter"
         blocked_adapter = ort.LoraAdapter()
@@ -136,7 +138,29 @@ def sessions_for(paths: dict[str, Path], plain: Path, task: str, threads: int) -
         out["multitask nchwc (adapter)"] = (blocked, {}, blocked_ro)
         out["multitask nchwc (inputs)"] = (blocked, read_adapter(blocked_path), None)
         out["_keep_nchwc"] = blocked_adapter
+        out["multitask nchwc (weights)"] = weights_session(paths["multitask-nchwc"], task, blocked, sess)
     return out
+
+
+def weights_session(directory: Path, task: str, model, sess) -> tuple:
+    """(body session, feed, None) as the runtime's feed="weights" runs a task: model.onnx's computed weights
+    for the task (one run on a blank image, timed: the cost of a switch to a task not cached) and the task's
+    tensors the body reads."""
+    from pbexport.export.verify import read_adapter
+
+    index = json.loads((directory / "tasks.json").read_text())
+    body = sess(directory / index["body"])
+    tensors = read_adapter(directory / "adapters" / f"{task}.onnx_adapter")
+    shape = model.get_inputs()[0].shape
+    blank = np.zeros([d if isinstance(d, int) else 1 for d in shape], np.float32)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        values = model.run(index["weights"], {"image": blank, **tensors})
+        times.append(time.perf_counter() - t)
+    wanted = {i.name for i in body.get_inputs()} | {i.name for i in body.get_overridable_initializers()}
+    feed = {**dict(zip(index["weights"], values, strict=True)), **{k: v for k, v in tensors.items() if k in wanted}}
+    return body, feed, None, float(np.median(times))
 
 
 def op_counts(plain: Path, nchwc: Path, threads: int) -> dict[str, int]:
@@ -179,7 +203,7 @@ def latency(sessions: dict, size: int, batch: int, repeats: int, clock=time.perf
     ratios of identical kernels swung 0.73-1.06; with it, within 5% and 0.98-1.01 (three runs)."""
     rng = np.random.default_rng(0)
     x = rng.random((batch, 3, size, size), dtype=np.float32)
-    runs = {k: v for k, v in sessions.items() if not k.startswith("_")}
+    runs = {k: v[:3] for k, v in sessions.items() if not k.startswith("_")}
     times: dict[str, list[float]] = {k: [] for k in runs}
     names = list(runs)
     for _ in range(repeats):
@@ -283,6 +307,7 @@ def bench_backbone(name: str, size: int, task_counts: list[int], args, workdir: 
                 result["op_counts"] = op_counts(plain, paths["multitask-nchwc"] / "model.onnx", args.threads)
             result["latency"] = {}
             sessions = sessions_for(paths, plain, tasks[0], args.threads)
+            result["weights_switch_s"] = {k: v[3] for k, v in sessions.items() if k.endswith("(weights)")}
             for batch, reps, inner in ((1, args.repeats, 7), (32, max(3, args.repeats // 4), 3)):
                 print(f"   latency at batch {batch} ({reps} rounds x {inner} runs)...", flush=True)
                 result["latency"][batch] = latency(sessions, size, batch, reps, CLOCKS[args.clock], inner)

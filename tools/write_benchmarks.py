@@ -73,7 +73,8 @@ TRAIN_RATIO = 1.3
 BITS_SLOPE, BITS_OFFSET, BITS_MAX = 1.05, 0.01, 1.01
 EXPORT_TARGETS = {"baked": (1.03, 1.03), "shared": (1.03, 1.03), "multitask (adapter)": (1.5, 1.15),
                   "multitask (inputs)": (1.5, 1.15), "multitask nchwc (adapter)": (1.5, 1.15),
-                  "multitask nchwc (inputs)": (1.5, 1.15)}  # nchwc: exported with --nchwc-block
+                  "multitask nchwc (inputs)": (1.5, 1.15), "multitask (weights)": (1.5, 1.15),
+                  "multitask nchwc (weights)": (1.5, 1.15)}  # nchwc: exported with --nchwc-block
 INT8_RATIO, INT8_DROP = 3.0, 1.0
 GTSRB_OVER_CLASSIFIER = 20.0
 NOISE_FRACTION = 0.05  # a per-run median difference within 5% of the run is "not measurable" on this box
@@ -1104,15 +1105,15 @@ def export_plot(files: list[tuple[Path, dict]], png: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    modes = ["baked", "shared", "multitask (adapter)", "multitask (inputs)", "multitask nchwc (adapter)"]
+    modes = ["baked", "shared", "multitask (adapter)", "multitask (inputs)", "multitask nchwc (adapter)",
+             "multitask nchwc (weights)"]
     grid = [[(p, d, r) for r in d["results"] if r.get("latency")] for p, d in files]
-    if not any("multitask nchwc (adapter)" in r["latency"]["1"] for row in grid for _, _, r in row):
-        modes = modes[:-1]
+    modes = [m for m in modes if any(m in r["latency"]["1"] for row in grid for _, _, r in row)]
     grid = [row for row in grid if row]
     if not grid:
         return None
     cols = max(len(row) for row in grid)
-    fig, axes = plt.subplots(len(grid), cols, figsize=(4.6 * cols, 3.4 * len(grid)), squeeze=False)
+    fig, axes = plt.subplots(len(grid), cols, figsize=(5.2 * cols, 3.4 * len(grid)), squeeze=False)
     for ax in axes.flat:
         ax.set_visible(False)
     panels = [(axes[i][j], *cell) for i, row in enumerate(grid) for j, cell in enumerate(row)]
@@ -1128,7 +1129,7 @@ def export_plot(files: list[tuple[Path, dict]], png: Path) -> Path | None:
             for i, t in enumerate(EXPORT_TARGETS[m]):
                 ax.plot([j + 0.38 * i - 0.19, j + 0.38 * i + 0.19], [t, t], color="red", lw=1.2)
         ax.set_xticks([j + 0.19 for j in x], [m.replace(" (", "\n(").replace(" nchwc", "\nnchwc") for m in modes],
-                      fontsize=7)
+                      fontsize=6)
         ax.set_ylabel("latency / plain backbone")
         ax.set_title(f"{r['backbone']} @{r['input_size']}: {p.name}, {d['clock']} clock, {d['threads']} thread(s)",
                      fontsize=8)
@@ -1173,12 +1174,12 @@ def _nchwc_note(lat: dict, t: tuple[float, float], ops: dict | None, masked: int
                      "per-run unpack is small next to 32 images' convolutions")
     if b1 > t[0]:
         nodes = f" in {ops['unpack']} nodes (the whole plain graph runs {ops['plain']})" if ops else ""
+        weights = lat["1"].get("multitask nchwc (weights)")
         parts.append(f"batch 1 takes {ms - plain_ms:.2f} ms more than the plain graph's {plain_ms:.2f} ms: every run "
-                     f"unpacks the task's {masked / 1e6:.1f}M mask bits into weights{nodes}. Would close it: "
-                     "unpacking once per task switch instead of every run (onnxruntime has no session-owned buffer "
-                     "a run could fill for the runs after it), or fewer, larger unpack nodes (one mask tensor per "
-                     "task instead of one per layer; on a small model the nodes are what cost); shared mode runs at "
-                     "the plain graph's speed meanwhile")
+                     f"unpacks the task's {masked / 1e6:.1f}M mask bits into weights{nodes}. "
+                     + (f"Unpacking once per task switch instead (the runtime's feed=\"weights\", next row) runs at "
+                        f"{weights['x_plain']:.2f}x at batch 1" if weights else
+                        "Would close it: unpacking once per task switch instead of every run"))
     return "; ".join(parts)
 
 
@@ -1263,7 +1264,8 @@ def section_export(results: Path, img_dir: Path, out_dir: Path) -> tuple[str, li
         b = r["backbone"]
         if not lat or "32" not in lat:
             continue
-        for mode in ("baked", "shared", "multitask (adapter)", "multitask nchwc (adapter)"):
+        for mode in ("baked", "shared", "multitask (adapter)", "multitask nchwc (adapter)",
+                     "multitask nchwc (weights)"):
             if mode not in lat["1"]:  # nchwc: results from before --nchwc-block, or a CPU without the kernels
                 continue
             t = EXPORT_TARGETS[mode]
@@ -1275,7 +1277,13 @@ def section_export(results: Path, img_dir: Path, out_dir: Path) -> tuple[str, li
                     measured += (f"; {lq['1'][mode]['x_plain']:.2f} / {lq['32'][mode]['x_plain']:.2f} "
                                  f"({dq['clock']} clock, {dq['threads']} thr, {q.name})")
             note = ""
-            if not ok and mode == "multitask nchwc (adapter)":
+            if mode == "multitask nchwc (weights)":
+                switch = r.get("weights_switch_s", {}).get(mode)
+                measured += "" if switch is None else f"; a switch to a task not cached: {1e3 * switch:.1f} ms"
+                if not ok:
+                    note = ("the body graph runs the plain graph's kernels on weights computed at the switch, so "
+                            "the excess is timing noise or the body's own nodes; rerun with `--clock cpu --threads 1`")
+            elif not ok and mode == "multitask nchwc (adapter)":
                 note = _nchwc_note(lat, t, r.get("op_counts"), r["masked_params"])
             elif not ok and mode.startswith("multitask"):
                 note = _multitask_note(lat, t)

@@ -187,25 +187,29 @@ def _write_multitask(base, tasks: list[TaskData], target: Path, nchwc_block: int
     from .multitask import (
         ADAPTER_DIR,
         ADAPTER_SUFFIX,
+        BODY_FILE,
         INDEX_FILE,
         MODEL_FILE,
         adapter_tensors,
         index,
         multitask_graph,
+        split_weights,
         write_adapter,
     )
 
     mg = multitask_graph(base, any(t.info["train_bn"] for t in tasks), [t.name for t in tasks], nchwc_block)
+    body, weights = split_weights(mg.model)
     _save(mg.model, target / MODEL_FILE)
+    _save(body, target / BODY_FILE)
     (target / ADAPTER_DIR).mkdir()
-    files = [target / MODEL_FILE]
+    files = [target / MODEL_FILE, target / BODY_FILE]
     adapters = {}
     for t in tasks:
         adapters[t.name] = adapter_tensors(mg, base, t)
         path = target / ADAPTER_DIR / f"{t.name}{ADAPTER_SUFFIX}"
         write_adapter(path, adapters[t.name])
         files.append(path)
-    (target / INDEX_FILE).write_text(json.dumps(index(base, tasks, adapters), indent=2) + "\n")
+    (target / INDEX_FILE).write_text(json.dumps(index(base, tasks, adapters, weights), indent=2) + "\n")
     files.append(target / INDEX_FILE)
     return files
 

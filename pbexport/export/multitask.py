@@ -54,6 +54,7 @@ from .nchwc import BlockedFilter, to_nchwc
 
 MODE = "multitask"
 MODEL_FILE = "model.onnx"
+BODY_FILE = "body.onnx"  # the graph after the weights: image + computed weights in, logits out
 INDEX_FILE = "tasks.json"
 INDEX_FORMAT = "pbexport-multitask"
 INDEX_VERSION = 1
@@ -228,9 +229,11 @@ def write_adapter(path, tensors: dict[str, np.ndarray]) -> None:
     fmt.export_adapter(str(path))
 
 
-def index(base: BaseGraph, tasks: list[TaskData], adapters: dict[str, dict[str, np.ndarray]]) -> dict:
+def index(base: BaseGraph, tasks: list[TaskData], adapters: dict[str, dict[str, np.ndarray]],
+          weights: list[str]) -> dict:
     meta = metadata(base, MODE)
     return {"format": INDEX_FORMAT, "format_version": INDEX_VERSION, "model": MODEL_FILE,
+            "body": BODY_FILE, "weights": weights,
             "backbone": base.backbone_name, "backbone_fingerprint": base.fingerprint,
             "input": {"name": meta["input_name"], "layout": "NCHW", "color": "RGB", "range": [0, 1],
                       "size": base.spec.size, "channels": base.spec.channels, "mean": list(base.spec.mean),
@@ -240,3 +243,33 @@ def index(base: BaseGraph, tasks: list[TaskData], adapters: dict[str, dict[str, 
                                "class_names": list(t.info["class_names"]), "method": t.info["method"],
                                "train_bn": bool(t.info["train_bn"]), "tensors": sorted(adapters[t.name])}
                       for t in tasks}}
+
+
+def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """The body of ``model`` and the tensors it takes from the rest: ``model``'s nodes that do not depend on
+    the image (the unpack: masks -> weights, BN scales) run once per task switch when the runtime feeds
+    ``weights`` (``model`` gets those tensors as extra outputs, after the logits), and the body runs per image
+    with them as inputs, at the speed of a graph with plain weights. The body takes the task's other
+    tensors it reads (conv biases, the head) from the adapter, like ``model``."""
+    g = model.graph
+    image = {g.input[0].name}
+    for node in g.node:  # topological order
+        if image & set(node.input):
+            image.update(node.output)
+    body = [n for n in g.node if set(n.output) & image]
+    before = {o for n in g.node if not set(n.output) & image for o in n.output}
+    weights = list(dict.fromkeys(i for n in body for i in n.input if i in before))
+    inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    missing = [w for w in weights if not inferred.get(w, onnx.ValueInfoProto()).type.tensor_type.HasField("shape")]
+    if missing:
+        raise AssertionError(f"internal error: no inferred shape for {missing[0]}, which the body takes")
+    used = {i for n in body for i in n.input}
+    task_inputs = [v for v in g.input[1:] if v.name in used]
+    consts = [t for t in g.initializer if t.name in used]  # task inputs keep their defaults (overridable)
+    weight_info = [inferred[w] for w in weights]
+    graph = helper.make_graph(body, "body", [g.input[0], *weight_info, *task_inputs], list(g.output), consts)
+    out = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    out.metadata_props.extend(model.metadata_props)
+    g.output.extend(weight_info)
+    return out, weights
+

@@ -123,6 +123,7 @@ def to_nchwc(model: onnx.ModelProto, filters: dict[str, BlockedFilter]) -> onnx.
     g.node.extend(_fuse(rw.nodes, {o.name for o in g.output}))
     g.initializer.extend(rw.consts)
     del g.value_info[:]  # blocked tensors do not have the shapes inference gave their plain twins
+    g.value_info.append(helper.make_tensor_value_info(rw.probe_out, onnx.TensorProto.FLOAT, [1, rw.block, 1, 1]))
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return model
 
@@ -191,7 +192,7 @@ class _Rewriter:
         self.consts.append(numpy_helper.from_array(np.zeros((1, 4, 1, 1), np.float32), probe))
         size = self._name("block")
         self.consts.append(numpy_helper.from_array(np.array([self.block], np.int64), size))
-        padded = self._node("ReorderInput", [probe], "probe", DOMAIN)
+        padded = self.probe_out = self._node("ReorderInput", [probe], "probe", DOMAIN)  # shape [1, block, 1, 1]
         self.nodes.append(helper.make_node("Reshape", [padded, size], [CHECK_NODE],
                                            name=f"{CHECK_NODE}_expects_block_{self.block}"))
         zero = self._node("ReduceSum", [CHECK_NODE], "probe", keepdims=0)

@@ -135,6 +135,8 @@ class Artifact:
     path: Path
     adapter: Path | None = None  # multitask only
     metadata: dict = field(default_factory=dict)
+    body: Path | None = None  # multitask: the graph after the weights (feed="weights")
+    weights: list[str] = field(default_factory=list)  # the tensors it takes from model.onnx
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -169,8 +171,10 @@ def find_artifacts(path: str | Path, tasks: list[str] | None = None) -> list[Art
             raise PbexportError("not a pbexport multitask index", str(p / INDEX_FILE))
         model = p / idx.get("model", "model.onnx")
         meta = read_metadata(model)
+        body = p / idx["body"] if isinstance(idx.get("body"), str) else None
         for name, entry in idx["tasks"].items():
-            found.append(Artifact(name, meta["mode"], model, p / entry["adapter"], meta))
+            found.append(Artifact(name, meta["mode"], model, p / entry["adapter"], meta, body,
+                                  list(idx.get("weights") or [])))
     elif p.is_dir():
         for f in sorted(p.glob("*.onnx")):
             meta = read_metadata(f)
@@ -248,6 +252,8 @@ def verify_artifacts(bundle, artifacts: list[Artifact], reference: Reference,
     checks: list[Check] = []
     for art in artifacts:
         modes = ["multitask (adapter)", "multitask (inputs)"] if art.adapter is not None else [art.mode]
+        if art.body is not None:
+            modes.append("multitask (weights)")
         rel = str(art.adapter if art.adapter is not None else art.path)
         base_problems: list[str] = []
         if art.task not in bundle.tasks:
@@ -283,6 +289,9 @@ def verify_artifacts(bundle, artifacts: list[Artifact], reference: Reference,
                     run_options.add_active_adapter(adapter)
                 elif mode == "multitask (inputs)":
                     feeds = read_adapter(art.adapter)
+                elif mode == "multitask (weights)":
+                    feeds = _weights_feed(sess, art)
+                    sess = session(art.body)
                 if ref.shape[1] != info["num_classes"]:
                     check.problems.append(f"reference has {ref.shape[1]} classes, the task {info['num_classes']}")
                 _check_run(check, sess, x, ref, atol, feeds, run_options)
@@ -291,6 +300,18 @@ def verify_artifacts(bundle, artifacts: list[Artifact], reference: Reference,
             except Exception as exc:  # onnxruntime refuses the model or its inputs
                 check.problems.append(f"onnxruntime: {str(exc).strip().splitlines()[0][:200]}")
     return VerifyReport(checks, atol, reference.describe())
+
+
+def _weights_feed(sess, art: Artifact) -> dict[str, np.ndarray]:
+    """What the runtime's feed="weights" gives the body: model.onnx's computed weights for the task (one run
+    on a blank image with the task's tensors), and the task's tensors the body reads."""
+    tensors = read_adapter(art.adapter)
+    shape = sess.get_inputs()[0].shape
+    blank = np.zeros([d if isinstance(d, int) else 1 for d in shape], np.float32)
+    values = sess.run(art.weights, {INPUT_NAME: blank, **tensors})
+    body = session(art.body)
+    body_inputs = {i.name for i in body.get_inputs()} | {i.name for i in body.get_overridable_initializers()}
+    return {**dict(zip(art.weights, values, strict=True)), **{k: v for k, v in tensors.items() if k in body_inputs}}
 
 
 def read_adapter(path: Path) -> dict[str, np.ndarray]:
