@@ -193,8 +193,11 @@ def demo_cmd(out, epochs) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image (JSON lines) instead of a table.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="onnxruntime execution provider (auto: CUDA when installed, else CPU).")
+@click.option("--feed", type=click.Choice(["adapter", "inputs", "weights"]), default="adapter", show_default=True,
+              help="Multitask: how the task's tensors reach the graph; weights: unpack them once, then run the "
+                   "graph after the weights (fastest for many images of one task).")
 @handle_errors
-def predict_cmd(model, images, task, top_k, as_json, provider) -> None:
+def predict_cmd(model, images, task, top_k, as_json, provider, feed) -> None:
     """Classify images with an exported MODEL (needs onnxruntime, numpy and Pillow only; no torch).
 
     MODEL: a task's .onnx (or its int8 .onnx or .ort), a directory of task graphs (baked or shared),
@@ -212,7 +215,7 @@ def predict_cmd(model, images, task, top_k, as_json, provider) -> None:
     from .report import format_table
     from .runtime import list_inputs, open_model
 
-    engine = open_model(model, providers=provider)
+    engine = open_model(model, providers=provider, feed=feed)
     task = engine.resolve_task(task)
     files, failed = [], 0
     for item in images:

@@ -573,7 +573,8 @@ class Engine:
         """A function NCHW float32 chunk -> logits for ``task`` (called under the lock)."""
         raise NotImplementedError
 
-    def _session(self, path: Path):
+    def _session(self, path: Path, contract: bool = True):
+        """An onnxruntime session on ``path``; ``contract``: check its image input and logits output."""
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -587,6 +588,8 @@ class Engine:
             sess = ort.InferenceSession(str(path), so, providers=self.providers)
         except Exception as exc:
             raise PbexportError(f"onnxruntime cannot load this model ({_first_line(exc)})", str(path)) from None
+        if not contract:
+            return sess
         first = sess.get_inputs()[0]
         if first.name != self._input_name or sess.get_outputs()[0].name != self._output_name:
             raise PbexportError(f"graph input/output are {first.name!r}/{sess.get_outputs()[0].name!r}, its metadata "
@@ -721,13 +724,14 @@ class MultitaskEngine(Engine):
             self.tensor_names[task] = list(entry.get("tensors", []))
         self._sess = None
         self._feeds: OrderedDict[str, object] = OrderedDict()
-        self.body_file, self.weight_names = None, list(index.get("weights") or [])
+        self.unpack_file = self.body_file = None
+        self.weight_names = list(index.get("weights") or [])
         if feed == "weights":
-            if not isinstance(index.get("body"), str) or not self.weight_names:
-                raise PbexportError("this export has no body graph for feed='weights' (exported by an older "
-                                    "pbexport: export it again, or use feed='adapter')", where)
-            self.body_file = path / index["body"]
-        self._body = None
+            if not all(isinstance(index.get(k), str) for k in ("unpack", "body")) or not self.weight_names:
+                raise PbexportError("this export has no unpack and body graphs for feed='weights' (exported by an "
+                                    "older pbexport: export it again, or use feed='adapter')", where)
+            self.unpack_file, self.body_file = path / index["unpack"], path / index["body"]
+        self._body = self._unpack = None
 
     def loaded(self) -> list[str]:
         with self._lock:
@@ -744,23 +748,29 @@ class MultitaskEngine(Engine):
         return self._sess
 
     def _weights_feed(self, task: str) -> dict:
-        """Run the graph once on a blank image through the task's adapter: its computed weights, and the
-        adapter's tensors the body reads too, as the body's feed."""
+        """The unpack graph run once on the task's tensors: its computed weights, with the task's tensors the
+        body reads itself, as the body's feed."""
         import onnxruntime as ort
 
-        if self._body is None:
-            self._body = self._session(self.body_file)
-        _adapter, opts = self._load_feed(task, "adapter")
-        shape = self._sess.get_inputs()[0].shape
-        blank = np.zeros([d if isinstance(d, int) else 1 for d in shape], np.float32)
-        values = self._sess.run(self.weight_names, {self._input_name: blank}, opts)
-        feed = dict(zip(self.weight_names, values, strict=True))
-        wanted = {i.name for i in self._body.get_inputs()[1:]} | {
-            i.name for i in self._body.get_overridable_initializers()}
-        fmt = ort.AdapterFormat.read_adapter(str(self.adapters[task]))
-        # .numpy() views memory that the AdapterFormat owns: copy while it is alive
-        feed.update({k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items() if k in wanted})
-        del fmt
+        def names(sess):
+            return {i.name for i in sess.get_inputs()} | {i.name for i in sess.get_overridable_initializers()}
+
+        file = self.adapters[task]
+        try:
+            fmt = ort.AdapterFormat.read_adapter(str(file))
+            # .numpy() views memory that the AdapterFormat owns: copy while it is alive
+            tensors = {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
+            del fmt
+        except Exception as exc:
+            raise PbexportError(f"cannot read the adapter of task {task!r} ({_first_line(exc)})", str(file)) from None
+        take, wanted = names(self._unpack), names(self._body)
+        unknown = [n for n in tensors if n not in take | wanted]
+        if unknown:
+            raise PbexportError(f"adapter tensor {unknown[0]} is not an input of {self.unpack_file.name} or "
+                                f"{self.body_file.name} ({len(unknown)} unknown)", str(file))
+        values = self._unpack.run(self.weight_names, {k: v for k, v in tensors.items() if k in take})
+        feed = {**dict(zip(self.weight_names, values, strict=True)),
+                **{k: v for k, v in tensors.items() if k in wanted}}
         if self._device[0] == "cuda":
             feed = {k: ort.OrtValue.ortvalue_from_numpy(v, *self._device) for k, v in feed.items()}
         return feed
@@ -802,8 +812,18 @@ class MultitaskEngine(Engine):
                                 f"({len(unknown)} unknown)", str(file))
         return feed
 
+    def _weights_sessions(self):
+        """feed="weights": the unpack and body graphs instead of model.onnx (which is never loaded then)."""
+        if self._body is None:
+            self._unpack = self._session(self.unpack_file, contract=False)  # task tensors in, weights out
+            body = self._session(self.body_file)
+            self._check_shape(body, next(iter(self._specs)), self.body_file)
+            self._device = ("cuda", 0) if body.get_providers()[0] == PROVIDERS["cuda"] else ("cpu", 0)
+            self._body = body
+        return self._body
+
     def _runner(self, task: str):
-        sess = self.session()
+        sess = self._weights_sessions() if self.feed == "weights" else self.session()
         feed = self._feeds.get(task)
         if feed is not None:
             self._feeds.move_to_end(task)
@@ -816,8 +836,6 @@ class MultitaskEngine(Engine):
             self._feeds[task] = feed
             self.stats["loads"] += 1
         out_names, in_name = [self._output_name], self._input_name
-        if self.feed == "weights":  # the body graph, the task's computed weights as inputs
-            sess = self._body
         if self.feed == "adapter":
             _, opts = feed
 
@@ -840,7 +858,7 @@ class MultitaskEngine(Engine):
     def close(self) -> None:
         with self._lock:
             self._feeds.clear()
-            self._sess = self._body = None
+            self._sess = self._body = self._unpack = None
 
 
 # --------------------------------------------------------------------------- opening

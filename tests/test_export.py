@@ -192,16 +192,21 @@ def test_multitask_adapters_inputs_iobinding_and_task_switching(exports, r20_bun
         via_binding = binding.copy_outputs_to_cpu()[0]
         for out in (via_adapter, via_inputs, via_binding):
             assert out.shape == ref.shape and np.abs(out - ref).max() <= 1e-4
-    # feed="weights": the graph's computed weights once per task (extra outputs of model.onnx), then body.onnx
-    assert index["body"] == "body.onnx" and len(index["weights"]) == len(load_bundle(r20_bundle).masked_names)
-    assert [o.name for o in sess.get_outputs()] == ["logits", *index["weights"]]
+    # feed="weights": unpack.onnx computes a task's weights once, body.onnx runs on them; both read model.onnx.data
+    assert (index["unpack"], index["body"]) == ("unpack.onnx", "body.onnx")
+    assert len(index["weights"]) == len(load_bundle(r20_bundle).masked_names)
+    assert [o.name for o in sess.get_outputs()] == ["logits"]
+    unpack = onnx.load(str(d / "unpack.onnx"), load_external_data=False)
+    assert {e.value for t in unpack.graph.initializer for e in t.external_data if e.key == "location"} == {
+        "model.onnx.data"}
     with open_model(d, feed="weights") as engine:
         for task in ["alpha", "gamma", "beta", "alpha"]:
             assert np.abs(engine.logits(x, task=task) - _reference(r20_bundle, task, x)).max() <= 1e-4
     old = d.parent / "old-multitask"  # exported before body.onnx: feed="weights" says so
     shutil.copytree(d, old)
-    (old / "tasks.json").write_text(json.dumps({k: v for k, v in index.items() if k not in ("body", "weights")}))
-    with pytest.raises(PbexportError, match="no body graph for feed='weights'"):
+    (old / "tasks.json").write_text(json.dumps({k: v for k, v in index.items()
+                                                if k not in ("unpack", "body", "weights")}))
+    with pytest.raises(PbexportError, match="no unpack and body graphs for feed='weights'"):
         open_model(old, feed="weights")
     # no adapter: the defaults are the plain backbone with its own classifier
     with torch.no_grad():

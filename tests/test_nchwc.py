@@ -69,6 +69,11 @@ def test_nchwc_multitask_matches_torch_and_the_portable_graph(bundle, tmp_path):
     assert sorted(feeds["nchwc"]) == sorted(feeds["plain"])
     assert any(not np.array_equal(v, feeds["plain"][k]) for k, v in feeds["nchwc"].items() if k.endswith(".mask"))
     np.testing.assert_allclose(logits["nchwc"], logits["plain"], atol=1e-4)
+    image = tmp_path / "x.npy"
+    np.save(image, x[0])
+    shown = [pbexport("predict", tmp_path / "nchwc", image, "--task", "alpha", "--json", "--feed", feed)
+             for feed in ("adapter", "weights")]
+    assert [r.returncode for r in shown] == [0, 0] and shown[0].stdout == shown[1].stdout
     for feed in ("adapter", "weights"):  # weights: unpacked once for the task, then the body graph per run
         with open_model(tmp_path / "nchwc", feed=feed) as engine:
             for task in ("alpha", "beta", "alpha"):

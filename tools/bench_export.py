@@ -127,7 +127,7 @@ def sessions_for(paths: dict[str, Path], plain: Path, task: str, threads: int) -
            "multitask (adapter)": (multi, {}, ro),
            "multitask (inputs)": (multi, read_adapter(adapter_path), None),
            "_keep": adapter}
-    out["multitask (weights)"] = weights_session(paths["multitask"], task, multi, sess)
+    out["multitask (weights)"] = weights_session(paths["multitask"], task, sess)
     if "multitask-nchwc" in paths:  # its own adapters: masks and BN scales in the blocked layout
         blocked_path = paths["multitask-nchwc"] / "adapters" / f"{task}.onnx_adapter"
         blocked_adapter = ort.LoraAdapter()
@@ -138,31 +138,31 @@ def sessions_for(paths: dict[str, Path], plain: Path, task: str, threads: int) -
         out["multitask nchwc (adapter)"] = (blocked, {}, blocked_ro)
         out["multitask nchwc (inputs)"] = (blocked, read_adapter(blocked_path), None)
         out["_keep_nchwc"] = blocked_adapter
-        out["multitask nchwc (weights)"] = weights_session(paths["multitask-nchwc"], task, blocked, sess)
+        out["multitask nchwc (weights)"] = weights_session(paths["multitask-nchwc"], task, sess)
     return out
 
 
-def weights_session(directory: Path, task: str, model, sess) -> tuple:
-    """(body session, feed, None) as the runtime's feed="weights" runs a task: model.onnx's computed weights
-    for the task (one run on a blank image, timed: the cost of a switch to a task not cached) and the task's
+def weights_session(directory: Path, task: str, sess) -> tuple:
+    """(body session, feed, None, switch seconds) as the runtime's feed="weights" runs a task: the unpack
+    graph's weights for the task (its run timed: the cost of a switch to a task not cached) and the task's
     tensors the body reads."""
     from pbexport.export.verify import read_adapter
 
     index = json.loads((directory / "tasks.json").read_text())
-    body = sess(directory / index["body"])
+    unpack, body = sess(directory / index["unpack"]), sess(directory / index["body"])
     tensors = read_adapter(directory / "adapters" / f"{task}.onnx_adapter")
-    shape = model.get_inputs()[0].shape
-    blank = np.zeros([d if isinstance(d, int) else 1 for d in shape], np.float32)
+
+    def names(s):
+        return {i.name for i in s.get_inputs()} | {i.name for i in s.get_overridable_initializers()}
+
+    take, wanted = names(unpack), names(body)
     times = []
     for _ in range(5):
         t = time.perf_counter()
-        values = model.run(index["weights"], {"image": blank, **tensors})
+        values = unpack.run(index["weights"], {k: v for k, v in tensors.items() if k in take})
         times.append(time.perf_counter() - t)
-    wanted = {i.name for i in body.get_inputs()} | {i.name for i in body.get_overridable_initializers()}
     feed = {**dict(zip(index["weights"], values, strict=True)), **{k: v for k, v in tensors.items() if k in wanted}}
     return body, feed, None, float(np.median(times))
-
-
 def op_counts(plain: Path, nchwc: Path, threads: int) -> dict[str, int]:
     """Nodes per run after onnxruntime's optimizations: the plain graph's, and the NCHWc multitask graph's
     that compute weights from the task's tensors (fed per run: nothing folds them), i.e. the unpack."""

@@ -1195,8 +1195,10 @@ def section_export(results: Path, img_dir: Path, out_dir: Path) -> tuple[str, li
             "compares with the plain graph run without onnxruntime's NCHWc convolutions (the kernels the portable "
             "multitask graph can use). \"multitask nchwc\": the multitask graph exported with `--nchwc-block` for "
             "the machine's block size (`nchwc_block` below), its convolutions on those kernels "
-            "(pbexport/export/nchwc.py). Disk: bytes on disk of each mode's files. Memory and session creation: each "
-            "mode's N tasks loaded at once in a fresh process.",
+            "(pbexport/export/nchwc.py). \"(weights)\": the runtime's feed=\"weights\", the task's weights computed "
+            "once by the export's unpack.onnx and each run on its body.onnx (the graph after the weights). Disk: "
+            "bytes on disk of each mode's files. Memory and session creation: each mode's N tasks loaded at once in a "
+            "fresh process.",
             ""]
     goals = []
     if not files:

@@ -2,7 +2,8 @@
 
     baked      BUNDLE --task T -o T.onnx     standalone graph, W * mask folded in (``--all -o DIR``)
     shared     BUNDLE --shared -o DIR        DIR/backbone.onnx.data + DIR/<task>.onnx (packed masks)
-    multitask  BUNDLE --multitask -o DIR     DIR/model.onnx + DIR/adapters/<task>.onnx_adapter + DIR/tasks.json
+    multitask  BUNDLE --multitask -o DIR     DIR/model.onnx + DIR/body.onnx + DIR/adapters/<task>.onnx_adapter
+                                             + DIR/tasks.json (``--nchwc-block``: on x86 NCHWc kernels)
 
 One input contract for every file: input ``image``, float32 NCHW RGB in [0, 1] at the exported
 input size (dynamic batch unless ``batch``), normalized inside the graph; first output ``logits``
@@ -184,12 +185,15 @@ def _write_shared(base, tasks: list[TaskData], target: Path) -> list[Path]:
 def _write_multitask(base, tasks: list[TaskData], target: Path, nchwc_block: int | None = None) -> list[Path]:
     import json
 
+    import onnx
+
     from .multitask import (
         ADAPTER_DIR,
         ADAPTER_SUFFIX,
         BODY_FILE,
         INDEX_FILE,
         MODEL_FILE,
+        UNPACK_FILE,
         adapter_tensors,
         index,
         multitask_graph,
@@ -198,11 +202,15 @@ def _write_multitask(base, tasks: list[TaskData], target: Path, nchwc_block: int
     )
 
     mg = multitask_graph(base, any(t.info["train_bn"] for t in tasks), [t.name for t in tasks], nchwc_block)
-    body, weights = split_weights(mg.model)
-    _save(mg.model, target / MODEL_FILE)
-    _save(body, target / BODY_FILE)
+    data = f"{MODEL_FILE}.data"  # the weights once, for model.onnx and the unpack graph cut from it
+    target.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(mg.model, str(target / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data, size_threshold=1024)  # saving turns the big initializers into references
+    unpack, body, weights = split_weights(mg.model)
+    _save(unpack, target / UNPACK_FILE, allow_external=False)
+    _save(body, target / BODY_FILE, allow_external=False)
     (target / ADAPTER_DIR).mkdir()
-    files = [target / MODEL_FILE, target / BODY_FILE]
+    files = [target / MODEL_FILE, target / data, target / UNPACK_FILE, target / BODY_FILE]
     adapters = {}
     for t in tasks:
         adapters[t.name] = adapter_tensors(mg, base, t)

@@ -1,8 +1,9 @@
 """Multitask mode: ONE graph for every task; what a task adds is fed per run.
 
-    DIR/model.onnx                     the backbone graph; task tensors are overridable initializers
+    DIR/model.onnx (+ .data)           the backbone graph; task tensors are overridable initializers
+    DIR/unpack.onnx, DIR/body.onnx     model.onnx cut after the weights (feed="weights"), sharing its data
     DIR/adapters/<task>.onnx_adapter   the task's tensors (onnxruntime AdapterFormat)
-    DIR/tasks.json                     task -> adapter, class names, class count, tensor names
+    DIR/tasks.json                     task -> adapter, class names, class count, tensor names; body, weights
 
 Task tensors are initializers also listed as graph inputs: their defaults reproduce the plain
 backbone (all-ones masks, its own classifier and BN), and a run overrides them either with
@@ -55,6 +56,7 @@ from .nchwc import BlockedFilter, to_nchwc
 MODE = "multitask"
 MODEL_FILE = "model.onnx"
 BODY_FILE = "body.onnx"  # the graph after the weights: image + computed weights in, logits out
+UNPACK_FILE = "unpack.onnx"  # the graph up to the weights: the task's tensors in, computed weights out
 INDEX_FILE = "tasks.json"
 INDEX_FORMAT = "pbexport-multitask"
 INDEX_VERSION = 1
@@ -233,7 +235,7 @@ def index(base: BaseGraph, tasks: list[TaskData], adapters: dict[str, dict[str, 
           weights: list[str]) -> dict:
     meta = metadata(base, MODE)
     return {"format": INDEX_FORMAT, "format_version": INDEX_VERSION, "model": MODEL_FILE,
-            "body": BODY_FILE, "weights": weights,
+            "unpack": UNPACK_FILE, "body": BODY_FILE, "weights": weights,
             "backbone": base.backbone_name, "backbone_fingerprint": base.fingerprint,
             "input": {"name": meta["input_name"], "layout": "NCHW", "color": "RGB", "range": [0, 1],
                       "size": base.spec.size, "channels": base.spec.channels, "mean": list(base.spec.mean),
@@ -245,31 +247,36 @@ def index(base: BaseGraph, tasks: list[TaskData], adapters: dict[str, dict[str, 
                       for t in tasks}}
 
 
-def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """The body of ``model`` and the tensors it takes from the rest: ``model``'s nodes that do not depend on
-    the image (the unpack: masks -> weights, BN scales) run once per task switch when the runtime feeds
-    ``weights`` (``model`` gets those tensors as extra outputs, after the logits), and the body runs per image
-    with them as inputs, at the speed of a graph with plain weights. The body takes the task's other
-    tensors it reads (conv biases, the head) from the adapter, like ``model``."""
+def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str]]:
+    """``model`` cut where the weights are done: (unpack, body, the tensors between them). The unpack holds
+    ``model``'s nodes that do not depend on the image (masks -> weights, BN scales) and computes the
+    weights from the task's tensors; the body takes the image and those weights (and the task's tensors
+    it reads itself: conv biases, the head). The runtime's feed="weights" runs the unpack once per task
+    switch and the body per image, at the speed of a graph with plain weights. Both keep ``model``'s
+    initializers as they are (with ``model`` saved to external data first, they reference its file)."""
     g = model.graph
     image = {g.input[0].name}
     for node in g.node:  # topological order
         if image & set(node.input):
             image.update(node.output)
     body = [n for n in g.node if set(n.output) & image]
-    before = {o for n in g.node if not set(n.output) & image for o in n.output}
-    weights = list(dict.fromkeys(i for n in body for i in n.input if i in before))
+    unpack = [n for n in g.node if not set(n.output) & image]
+    made = {o for n in unpack for o in n.output}
+    weights = list(dict.fromkeys(i for n in body for i in n.input if i in made))
     inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
     missing = [w for w in weights if not inferred.get(w, onnx.ValueInfoProto()).type.tensor_type.HasField("shape")]
     if missing:
         raise AssertionError(f"internal error: no inferred shape for {missing[0]}, which the body takes")
-    used = {i for n in body for i in n.input}
-    task_inputs = [v for v in g.input[1:] if v.name in used]
-    consts = [t for t in g.initializer if t.name in used]  # task inputs keep their defaults (overridable)
     weight_info = [inferred[w] for w in weights]
-    graph = helper.make_graph(body, "body", [g.input[0], *weight_info, *task_inputs], list(g.output), consts)
-    out = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    out.metadata_props.extend(model.metadata_props)
-    g.output.extend(weight_info)
-    return out, weights
 
+    def part(nodes, name, inputs, outputs):
+        used = {i for n in nodes for i in n.input}
+        graph = helper.make_graph(nodes, name, [v for v in inputs if v.name in used], outputs,
+                                  [t for t in g.initializer if t.name in used])  # task inputs keep defaults
+        out = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+        out.metadata_props.extend(model.metadata_props)
+        return out
+
+    unpack_model = part(unpack, "unpack", list(g.input[1:]), weight_info)
+    body_model = part(body, "body", [g.input[0], *weight_info, *g.input[1:]], list(g.output))
+    return unpack_model, body_model, weights

@@ -10,11 +10,12 @@ export does the transformer's work instead:
 - each masked conv weight is stored in the kernel's filter layout (:class:`BlockedFilter`: OIHWBiBo,
   [O/B, I/B, KH, KW, Bi, Bo]; a first conv with fewer input channels than a block reads plain NCHW
   input and takes OIHWBo), and so is its mask: the adapters pack the mask bits in that order, so the
-  in-graph unpack yields them blocked and W_eff costs what it costs in the portable graph;
+  in-graph unpack yields them blocked and W_eff costs what it costs in the portable graph (a per-task
+  BN scale is stored as [O/B, 1, B], which broadcasts over the weight viewed as [O/B, -1, B]);
 - :func:`to_nchwc` then moves those convs to ``nchwc.Conv``, keeps activations blocked between them
   (ReorderInput/Output at the edges; elementwise Relu/Add pass through, MaxPool and GlobalAveragePool
-  have NCHWc kernels too) and fuses Conv -> Add -> Relu
-  into one Conv (its Sum input and activation), as the transformer does.
+  have NCHWc kernels too) and fuses Conv -> Add -> Relu into one Conv (its Sum input and
+  activation), as the transformer does.
 
 The block size is the CPU's, so the graph is bound to it: it carries a check (ReorderInput of a
 constant, reshaped to the exported block) that fails the run on a CPU with another block size, or

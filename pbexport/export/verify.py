@@ -135,8 +135,9 @@ class Artifact:
     path: Path
     adapter: Path | None = None  # multitask only
     metadata: dict = field(default_factory=dict)
-    body: Path | None = None  # multitask: the graph after the weights (feed="weights")
-    weights: list[str] = field(default_factory=list)  # the tensors it takes from model.onnx
+    unpack: Path | None = None  # multitask: model.onnx up to the weights, and after them (feed="weights")
+    body: Path | None = None
+    weights: list[str] = field(default_factory=list)  # the tensors between them
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -171,9 +172,9 @@ def find_artifacts(path: str | Path, tasks: list[str] | None = None) -> list[Art
             raise PbexportError("not a pbexport multitask index", str(p / INDEX_FILE))
         model = p / idx.get("model", "model.onnx")
         meta = read_metadata(model)
-        body = p / idx["body"] if isinstance(idx.get("body"), str) else None
+        unpack, body = (p / idx[k] if isinstance(idx.get(k), str) else None for k in ("unpack", "body"))
         for name, entry in idx["tasks"].items():
-            found.append(Artifact(name, meta["mode"], model, p / entry["adapter"], meta, body,
+            found.append(Artifact(name, meta["mode"], model, p / entry["adapter"], meta, unpack, body,
                                   list(idx.get("weights") or [])))
     elif p.is_dir():
         for f in sorted(p.glob("*.onnx")):
@@ -252,7 +253,7 @@ def verify_artifacts(bundle, artifacts: list[Artifact], reference: Reference,
     checks: list[Check] = []
     for art in artifacts:
         modes = ["multitask (adapter)", "multitask (inputs)"] if art.adapter is not None else [art.mode]
-        if art.body is not None:
+        if art.unpack is not None and art.body is not None:
             modes.append("multitask (weights)")
         rel = str(art.adapter if art.adapter is not None else art.path)
         base_problems: list[str] = []
@@ -290,8 +291,8 @@ def verify_artifacts(bundle, artifacts: list[Artifact], reference: Reference,
                 elif mode == "multitask (inputs)":
                     feeds = read_adapter(art.adapter)
                 elif mode == "multitask (weights)":
-                    feeds = _weights_feed(sess, art)
                     sess = session(art.body)
+                    feeds = _weights_feed(sess, art)
                 if ref.shape[1] != info["num_classes"]:
                     check.problems.append(f"reference has {ref.shape[1]} classes, the task {info['num_classes']}")
                 _check_run(check, sess, x, ref, atol, feeds, run_options)
@@ -302,16 +303,18 @@ def verify_artifacts(bundle, artifacts: list[Artifact], reference: Reference,
     return VerifyReport(checks, atol, reference.describe())
 
 
-def _weights_feed(sess, art: Artifact) -> dict[str, np.ndarray]:
-    """What the runtime's feed="weights" gives the body: model.onnx's computed weights for the task (one run
-    on a blank image with the task's tensors), and the task's tensors the body reads."""
+def _weights_feed(body, art: Artifact) -> dict[str, np.ndarray]:
+    """What the runtime's feed="weights" gives the body: the unpack graph's weights for the task, and the
+    task's tensors the body reads itself."""
     tensors = read_adapter(art.adapter)
-    shape = sess.get_inputs()[0].shape
-    blank = np.zeros([d if isinstance(d, int) else 1 for d in shape], np.float32)
-    values = sess.run(art.weights, {INPUT_NAME: blank, **tensors})
-    body = session(art.body)
-    body_inputs = {i.name for i in body.get_inputs()} | {i.name for i in body.get_overridable_initializers()}
-    return {**dict(zip(art.weights, values, strict=True)), **{k: v for k, v in tensors.items() if k in body_inputs}}
+    unpack = session(art.unpack)
+
+    def names(sess):
+        return {i.name for i in sess.get_inputs()} | {i.name for i in sess.get_overridable_initializers()}
+
+    take, wanted = names(unpack), names(body)
+    values = unpack.run(art.weights, {k: v for k, v in tensors.items() if k in take})
+    return {**dict(zip(art.weights, values, strict=True)), **{k: v for k, v in tensors.items() if k in wanted}}
 
 
 def read_adapter(path: Path) -> dict[str, np.ndarray]:
