@@ -29,6 +29,7 @@ with torch made unimportable.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -692,11 +693,12 @@ class MultitaskEngine(Engine):
     Optimization level ``all``: the masked weights are computed per run from fed tensors, so nothing of
     them is folded or shared at any level, and ``all`` measured as fast as ``extended`` or faster.
 
-    ``feed="weights"`` unpacks once per task switch instead: loading a task runs the graph once (through
-    its adapter, on a blank image) for the computed weights, and each run then goes through the export's
-    ``body.onnx`` (the graph after the weights) with them as inputs. A run then costs what a graph with
-    plain weights costs; with ``--nchwc-block`` that is the plain backbone's speed (BENCHMARKS.md). A
-    switch to a task not cached costs that one run, and each cached task holds a full copy of the weights.
+    ``feed="weights"`` unpacks once per task switch instead: loading a task runs the export's
+    ``unpack.onnx`` (model.onnx up to the weights) once on its tensors, and each run then goes through
+    ``body.onnx`` (the graph after the weights) with the computed weights as inputs; model.onnx is not
+    loaded. A run then costs what a graph with plain weights costs; with ``--nchwc-block`` that is the
+    plain backbone's speed (BENCHMARKS.md). A switch to a task not cached costs one unpack run, and each
+    cached task holds a full copy of the weights.
     """
 
     mode = "multitask"
@@ -747,65 +749,66 @@ class MultitaskEngine(Engine):
             self._device = ("cuda", 0) if self._sess.get_providers()[0] == PROVIDERS["cuda"] else ("cpu", 0)
         return self._sess
 
-    def _weights_feed(self, task: str) -> dict:
-        """The unpack graph run once on the task's tensors: its computed weights, with the task's tensors the
-        body reads itself, as the body's feed."""
+    def _read_tensors(self, task: str) -> dict[str, np.ndarray]:
+        """The task's adapter tensors as numpy arrays."""
         import onnxruntime as ort
 
-        def names(sess):
-            return {i.name for i in sess.get_inputs()} | {i.name for i in sess.get_overridable_initializers()}
-
-        file = self.adapters[task]
-        try:
-            fmt = ort.AdapterFormat.read_adapter(str(file))
-            # .numpy() views memory that the AdapterFormat owns: copy while it is alive
-            tensors = {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
-            del fmt
-        except Exception as exc:
-            raise PbexportError(f"cannot read the adapter of task {task!r} ({_first_line(exc)})", str(file)) from None
-        take, wanted = names(self._unpack), names(self._body)
-        unknown = [n for n in tensors if n not in take | wanted]
-        if unknown:
-            raise PbexportError(f"adapter tensor {unknown[0]} is not an input of {self.unpack_file.name} or "
-                                f"{self.body_file.name} ({len(unknown)} unknown)", str(file))
-        values = self._unpack.run(self.weight_names, {k: v for k, v in tensors.items() if k in take})
-        feed = {**dict(zip(self.weight_names, values, strict=True)),
-                **{k: v for k, v in tensors.items() if k in wanted}}
-        if self._device[0] == "cuda":
-            feed = {k: ort.OrtValue.ortvalue_from_numpy(v, *self._device) for k, v in feed.items()}
-        return feed
-
-    def _load_feed(self, task: str, how: str | None = None):
-        import onnxruntime as ort
-
-        how = how or self.feed
-        if how == "weights":
-            return self._weights_feed(task)
         file = self.adapters[task]
         if not file.is_file():
             raise PbexportError(f"adapter of task {task!r} is missing", str(file))
         try:
-            if how == "adapter":
-                adapter = ort.LoraAdapter()
-                adapter.Load(str(file))
-                names = self.tensor_names[task]
-                opts = ort.RunOptions()
-                opts.add_active_adapter(adapter)
-                feed = (adapter, opts)
-            else:
-                fmt = ort.AdapterFormat.read_adapter(str(file))
-                # .numpy() views memory that the AdapterFormat owns: copy while it is alive
-                params = {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
-                del fmt
-                names = list(params)
-                if self._device[0] == "cuda":
-                    feed = {k: ort.OrtValue.ortvalue_from_numpy(v, *self._device) for k, v in params.items()}
-                else:
-                    feed = params
-        except PbexportError:
-            raise
+            fmt = ort.AdapterFormat.read_adapter(str(file))
+            # .numpy() views memory that the AdapterFormat owns: copy while it is alive
+            return {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
         except Exception as exc:
             raise PbexportError(f"cannot read the adapter of task {task!r} ({_first_line(exc)})", str(file)) from None
+
+    def _on_device(self, tensors: dict[str, np.ndarray]) -> dict:
+        """numpy arrays on CPU; with CUDA, OrtValues placed on the GPU once, so nothing is copied per run."""
+        import onnxruntime as ort
+
+        if self._device[0] != "cuda":
+            return tensors
+        return {k: ort.OrtValue.ortvalue_from_numpy(v, *self._device) for k, v in tensors.items()}
+
+    def _weights_feed(self, task: str) -> dict:
+        """The unpack graph run once on the task's tensors: its computed weights, with the task's tensors the
+        body reads itself, as the body's feed."""
+        def names(sess):
+            return {i.name for i in sess.get_inputs()} | {i.name for i in sess.get_overridable_initializers()}
+
+        tensors = self._read_tensors(task)
+        take, wanted = names(self._unpack), names(self._body)
+        unknown = [n for n in tensors if n not in take | wanted]
+        if unknown:
+            raise PbexportError(f"adapter tensor {unknown[0]} is not an input of {self.unpack_file.name} or "
+                                f"{self.body_file.name} ({len(unknown)} unknown)", str(self.adapters[task]))
+        values = self._unpack.run(self.weight_names, {k: v for k, v in tensors.items() if k in take})
+        return self._on_device({**dict(zip(self.weight_names, values, strict=True)),
+                                **{k: v for k, v in tensors.items() if k in wanted}})
+
+    def _load_feed(self, task: str):
+        import onnxruntime as ort
+
+        if self.feed == "weights":
+            return self._weights_feed(task)
+        file = self.adapters[task]
+        if self.feed == "inputs":
+            params = self._read_tensors(task)
+            names, feed = list(params), self._on_device(params)
+        else:
+            if not file.is_file():
+                raise PbexportError(f"adapter of task {task!r} is missing", str(file))
+            try:
+                adapter = ort.LoraAdapter()
+                adapter.Load(str(file))
+            except Exception as exc:
+                raise PbexportError(f"cannot read the adapter of task {task!r} ({_first_line(exc)})",
+                                    str(file)) from None
+            names = self.tensor_names[task]
+            opts = ort.RunOptions()
+            opts.add_active_adapter(adapter)
+            feed = (adapter, opts)
         unknown = [n for n in names if n not in self._overridable]
         if unknown:
             raise PbexportError(f"adapter tensor {unknown[0]} is not an input of {self.model_file.name} "
@@ -947,6 +950,7 @@ _NCHWC_PROBE = (b'\x08\x08:Z\n)\n\x01x\x12\x01y"\x0cReorderInput:\x13com.microso
                 b'\x04\n\x02\x08\x01B\x04\n\x00\x10\x11B\x17\n\x13com.microsoft.nchwc\x10\x01')
 
 
+@functools.cache
 def nchwc_block_size() -> int | None:
     """The channel block of onnxruntime's NCHWc CPU kernels here (16 with AVX512, 8 with AVX2), None where
     it has none: the ``--nchwc-block`` to export a multitask graph with for this machine."""

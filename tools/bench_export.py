@@ -114,31 +114,26 @@ def sessions_for(paths: dict[str, Path], plain: Path, task: str, threads: int) -
         kw = {"disabled_optimizers": disabled} if disabled else {}
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], **kw)
 
-    adapter_path = paths["multitask"] / "adapters" / f"{task}.onnx_adapter"
-    adapter = ort.LoraAdapter()
-    adapter.Load(str(adapter_path))
-    ro = ort.RunOptions()
-    ro.add_active_adapter(adapter)
-    multi = sess(paths["multitask"] / "model.onnx")
+    def multitask(directory: Path, label: str) -> dict:
+        """The multitask graph of ``directory`` three ways: through its adapter, with its tensors as inputs,
+        and as the runtime's feed="weights" runs it; each directory has its own adapters (nchwc: masks and
+        BN scales in the blocked layout)."""
+        adapter_path = directory / "adapters" / f"{task}.onnx_adapter"
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(adapter_path))
+        ro = ort.RunOptions()
+        ro.add_active_adapter(adapter)
+        model = sess(directory / "model.onnx")
+        return {f"{label} (adapter)": (model, {}, ro), f"{label} (inputs)": (model, read_adapter(adapter_path), None),
+                f"{label} (weights)": weights_session(directory, task, sess), f"_keep {label}": adapter}
+
     out = {"plain": (sess(plain), {}, None),
            "plain (no NCHWc)": (sess(plain, ["NchwcTransformer"]), {}, None),
            "baked": (sess(paths["baked"] / f"{task}.onnx"), {}, None),
            "shared": (sess(paths["shared"] / f"{task}.onnx"), {}, None),
-           "multitask (adapter)": (multi, {}, ro),
-           "multitask (inputs)": (multi, read_adapter(adapter_path), None),
-           "_keep": adapter}
-    out["multitask (weights)"] = weights_session(paths["multitask"], task, sess)
-    if "multitask-nchwc" in paths:  # its own adapters: masks and BN scales in the blocked layout
-        blocked_path = paths["multitask-nchwc"] / "adapters" / f"{task}.onnx_adapter"
-        blocked_adapter = ort.LoraAdapter()
-        blocked_adapter.Load(str(blocked_path))
-        blocked_ro = ort.RunOptions()
-        blocked_ro.add_active_adapter(blocked_adapter)
-        blocked = sess(paths["multitask-nchwc"] / "model.onnx")
-        out["multitask nchwc (adapter)"] = (blocked, {}, blocked_ro)
-        out["multitask nchwc (inputs)"] = (blocked, read_adapter(blocked_path), None)
-        out["_keep_nchwc"] = blocked_adapter
-        out["multitask nchwc (weights)"] = weights_session(paths["multitask-nchwc"], task, sess)
+           **multitask(paths["multitask"], "multitask")}
+    if "multitask-nchwc" in paths:
+        out.update(multitask(paths["multitask-nchwc"], "multitask nchwc"))
     return out
 
 

@@ -2,8 +2,9 @@
 
     baked      BUNDLE --task T -o T.onnx     standalone graph, W * mask folded in (``--all -o DIR``)
     shared     BUNDLE --shared -o DIR        DIR/backbone.onnx.data + DIR/<task>.onnx (packed masks)
-    multitask  BUNDLE --multitask -o DIR     DIR/model.onnx + DIR/body.onnx + DIR/adapters/<task>.onnx_adapter
-                                             + DIR/tasks.json (``--nchwc-block``: on x86 NCHWc kernels)
+    multitask  BUNDLE --multitask -o DIR     DIR/model.onnx(.data) + DIR/unpack.onnx + DIR/body.onnx
+                                             + DIR/adapters/<task>.onnx_adapter + DIR/tasks.json
+                                             (``--nchwc-block``: on x86 NCHWc kernels)
 
 One input contract for every file: input ``image``, float32 NCHW RGB in [0, 1] at the exported
 input size (dynamic batch unless ``batch``), normalized inside the graph; first output ``logits``

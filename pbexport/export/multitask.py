@@ -3,7 +3,7 @@
     DIR/model.onnx (+ .data)           the backbone graph; task tensors are overridable initializers
     DIR/unpack.onnx, DIR/body.onnx     model.onnx cut after the weights (feed="weights"), sharing its data
     DIR/adapters/<task>.onnx_adapter   the task's tensors (onnxruntime AdapterFormat)
-    DIR/tasks.json                     task -> adapter, class names, class count, tensor names; body, weights
+    DIR/tasks.json                     task -> adapter, class names, class count, tensor names; unpack, body, weights
 
 Task tensors are initializers also listed as graph inputs: their defaults reproduce the plain
 backbone (all-ones masks, its own classifier and BN), and a run overrides them either with
