@@ -363,7 +363,10 @@ def _verify_options(fn):
                      help="Verify on this dataset's test images (as for `train`); default: random inputs."),
         click.option("--samples", type=int, default=None,
                      help="Inputs to verify on (default: 256 with --data, else 32)."),
-        click.option("--atol", type=float, default=1e-4, show_default=True, help="Largest allowed |onnx - torch|."),
+        click.option("--atol", type=float, default=1e-4, show_default=True,
+                     help="Allowed |onnx - torch| per logit: atol + rtol x the sample's largest |logit|."),
+        click.option("--rtol", type=float, default=1e-5, show_default=True,
+                     help="The relative part of that tolerance (float32 rounding grows with the logits)."),
         click.option("--strict/--no-strict", default=True, show_default=True,
                      help="Exit with code 1 when verification fails."),
     ]):

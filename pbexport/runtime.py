@@ -772,20 +772,12 @@ class MultitaskEngine(Engine):
         return {k: ort.OrtValue.ortvalue_from_numpy(v, *self._device) for k, v in tensors.items()}
 
     def _weights_feed(self, task: str) -> dict:
-        """The unpack graph run once on the task's tensors: its computed weights, with the task's tensors the
-        body reads itself, as the body's feed."""
-        def names(sess):
-            return {i.name for i in sess.get_inputs()} | {i.name for i in sess.get_overridable_initializers()}
-
-        tensors = self._read_tensors(task)
-        take, wanted = names(self._unpack), names(self._body)
-        unknown = [n for n in tensors if n not in take | wanted]
+        """The unpack graph run once on the task's tensors, as the body's feed (see :func:`weights_feed`)."""
+        feed, unknown = weights_feed(self._unpack, self._body, self.weight_names, self._read_tensors(task))
         if unknown:
             raise PbexportError(f"adapter tensor {unknown[0]} is not an input of {self.unpack_file.name} or "
                                 f"{self.body_file.name} ({len(unknown)} unknown)", str(self.adapters[task]))
-        values = self._unpack.run(self.weight_names, {k: v for k, v in tensors.items() if k in take})
-        return self._on_device({**dict(zip(self.weight_names, values, strict=True)),
-                                **{k: v for k, v in tensors.items() if k in wanted}})
+        return self._on_device(feed)
 
     def _load_feed(self, task: str):
         import onnxruntime as ort
@@ -948,6 +940,25 @@ def _open_multitask(p: Path, feed: str, kw: dict) -> MultitaskEngine:
 _NCHWC_PROBE = (b'\x08\x08:Z\n)\n\x01x\x12\x01y"\x0cReorderInput:\x13com.microsoft.nchwc\x12\x05probeZ\x1b\n'
                 b'\x01x\x12\x16\n\x14\x08\x01\x12\x10\n\x02\x08\x01\n\x02\x08\x04\n\x02\x08\x01\n\x02\x08\x01b\t\n\x01y\x12'
                 b'\x04\n\x02\x08\x01B\x04\n\x00\x10\x11B\x17\n\x13com.microsoft.nchwc\x10\x01')
+
+
+def feed_names(sess) -> set[str]:
+    """What a session accepts in a feed: its inputs and its overridable initializers."""
+    return {i.name for i in sess.get_inputs()} | {i.name for i in sess.get_overridable_initializers()}
+
+
+def weights_feed(unpack, body, weight_names: list[str],
+                 tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """feed="weights" for one task: ``unpack`` (an unpack.onnx session) run once on the task's tensors gives
+    the weights ``weight_names``; the body's feed is those and the task's tensors the body reads itself (its
+    head, loose BN). Returns that feed and the names of the tensors neither graph takes (unrun if any)."""
+    take, wanted = feed_names(unpack), feed_names(body)
+    unknown = [n for n in tensors if n not in take | wanted]
+    if unknown:
+        return {}, unknown
+    values = unpack.run(weight_names, {k: v for k, v in tensors.items() if k in take})
+    feed = {**dict(zip(weight_names, values, strict=True)), **{k: v for k, v in tensors.items() if k in wanted}}
+    return feed, []
 
 
 @functools.cache

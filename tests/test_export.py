@@ -110,7 +110,7 @@ def test_every_mode_passes_verification(bundle, tmp_path):
         checks = result.report.checks
         assert len(checks) == (9 if mode == "multitask" else 3)  # adapter, inputs, weights
         for c in checks:
-            assert c.max_diff <= 1e-4 and c.top1 == 1.0
+            assert c.ok and c.max_diff is not None and c.top1 == 1.0  # within atol + rtol x max |logit|
             assert c.shape == (16, b.task_info(c.task)["num_classes"])
     for f in sorted(tmp_path.rglob("*.onnx")):
         onnx.checker.check_model(str(f), full_check=True)
@@ -297,6 +297,46 @@ def test_fixed_batch_input_size_and_opset(r20_bundle, tmp_path):
 
 
 # ----------------------------------------------------------------------------- verify
+def test_tolerance_scales_with_each_samples_logits():
+    """|diff| <= atol + rtol * max |logit| per sample: one error passes beside large logits, fails beside small."""
+    from types import SimpleNamespace
+
+    from pbexport.export.verify import INPUT_NAME, OUTPUT_NAME, Check, _check_run
+
+    ref = np.array([[20.0, -3.0, 1.0], [1.0, 0.5, -0.2]], np.float32)
+
+    class Session:  # the two calls _check_run makes, and a run that returns ref + err
+        def __init__(self, err):
+            self.err = err
+
+        def get_outputs(self):
+            return [SimpleNamespace(name=OUTPUT_NAME)]
+
+        def get_inputs(self):
+            return [SimpleNamespace(name=INPUT_NAME, shape=["N", 3, 4, 4])]
+
+        def run(self, names, feeds, options=None):
+            n = len(feeds[INPUT_NAME])
+            return [ref[:n] + self.err[:n]]
+
+    x = np.zeros((2, 3, 4, 4), np.float32)
+    err = np.zeros_like(ref)
+    err[0, 1] = 2.5e-4  # within 1e-4 + 1e-5 * 20 = 3e-4
+    check = Check("t", "baked", "f.onnx")
+    _check_run(check, Session(err), x, ref, 1e-4, 1e-5)
+    assert check.ok and check.max_diff == pytest.approx(2.5e-4, rel=1e-3)
+    err[1, 2] = 1.5e-4  # above 1e-4 + 1e-5 * 1
+    check = Check("t", "baked", "f.onnx")
+    _check_run(check, Session(err), x, ref, 1e-4, 1e-5)
+    assert check.problems == [check.problems[0]] and "on 1 of 2 samples" in check.problems[0]
+    check = Check("t", "baked", "f.onnx")  # without the relative term the first sample fails too
+    _check_run(check, Session(err), x, ref, 1e-4, 0.0)
+    assert "on 2 of 2 samples" in check.problems[0]
+    for bad in (-1e-5, float("nan")):  # refused before anything is opened
+        with pytest.raises(PbexportError, match="--rtol must be a number >= 0"):
+            verify_export("no-bundle", "no-export", rtol=bad)
+
+
 def test_verify_later_and_detects_a_wrong_model(exports, r20_bundle, tmp_path):
     report = verify_export(r20_bundle, exports["multitask"], tasks=["beta"], samples=4)
     assert report.ok and [c.mode for c in report.checks] == ["multitask (adapter)", "multitask (inputs)",
@@ -318,9 +358,9 @@ def test_cli_onnx_and_verify(r20_bundle, tmp_path):
     assert r.returncode == 0, r.stderr
     assert re.search(r"^beta +baked .* ok$", r.stdout, re.M) and "1 checks passed" in r.stdout
     r = pbexport("verify", r20_bundle, "--onnx", tmp_path / "beta.onnx", "--task", "beta", "--atol", "0",
-                 "--samples", "4")
+                 "--rtol", "0", "--samples", "4")
     assert r.returncode == 1 and "FAIL" in r.stdout  # float32 rounding is not zero
-    r = pbexport("verify", r20_bundle, "--onnx", tmp_path / "beta.onnx", "--atol", "0", "--no-strict",
+    r = pbexport("verify", r20_bundle, "--onnx", tmp_path / "beta.onnx", "--atol", "0", "--rtol", "0", "--no-strict",
                  "--samples", "4")
     assert r.returncode == 0 and "FAILED" in r.stdout
 

@@ -142,22 +142,21 @@ def weights_session(directory: Path, task: str, sess) -> tuple:
     graph's weights for the task (its run timed: the cost of a switch to a task not cached) and the task's
     tensors the body reads."""
     from pbexport.export.verify import read_adapter
+    from pbexport.runtime import weights_feed
 
     index = json.loads((directory / "tasks.json").read_text())
     unpack, body = sess(directory / index["unpack"]), sess(directory / index["body"])
     tensors = read_adapter(directory / "adapters" / f"{task}.onnx_adapter")
 
-    def names(s):
-        return {i.name for i in s.get_inputs()} | {i.name for i in s.get_overridable_initializers()}
-
-    take, wanted = names(unpack), names(body)
-    times = []
+    times, feed = [], None
     for _ in range(5):
         t = time.perf_counter()
-        values = unpack.run(index["weights"], {k: v for k, v in tensors.items() if k in take})
+        feed, unknown = weights_feed(unpack, body, index["weights"], tensors)
         times.append(time.perf_counter() - t)
-    feed = {**dict(zip(index["weights"], values, strict=True)), **{k: v for k, v in tensors.items() if k in wanted}}
+        assert not unknown, f"adapter tensors the graphs do not take: {unknown}"
     return body, feed, None, float(np.median(times))
+
+
 def op_counts(plain: Path, nchwc: Path, threads: int) -> dict[str, int]:
     """Nodes per run after onnxruntime's optimizations: the plain graph's, and the NCHWc multitask graph's
     that compute weights from the task's tensors (fed per run: nothing folds them), i.e. the unpack."""

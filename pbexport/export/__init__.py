@@ -26,11 +26,11 @@ from pathlib import Path
 
 from ..errors import PbexportError
 from .graph import DEFAULT_OPSET, TaskData
-from .verify import DEFAULT_ATOL, Reference, VerifyReport, find_artifacts, verify_artifacts
+from .verify import DEFAULT_ATOL, DEFAULT_RTOL, Reference, VerifyReport, find_artifacts, verify_artifacts
 
 MODES = ("baked", "shared", "multitask")
 
-__all__ = ["MODES", "DEFAULT_OPSET", "DEFAULT_ATOL", "ExportResult", "main_export", "verify_export"]
+__all__ = ["MODES", "DEFAULT_OPSET", "DEFAULT_ATOL", "DEFAULT_RTOL", "ExportResult", "main_export", "verify_export"]
 
 
 @dataclass
@@ -78,7 +78,8 @@ def _read_task(bundle, name: str) -> TaskData:
 def main_export(bundle, output, *, mode: str = "baked", tasks: list[str] | None = None,
                 opset: int = DEFAULT_OPSET, batch: int | None = None, input_size: int | None = None,
                 verify: bool = True, data: str | None = None, samples: int | None = None,
-                atol: float = DEFAULT_ATOL, force: bool = False, nchwc_block: int | None = None) -> ExportResult:
+                atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, force: bool = False,
+                nchwc_block: int | None = None) -> ExportResult:
     """Export ``tasks`` (None: all) of ``bundle`` (a path or a loaded Bundle) to ``output``.
 
     Args:
@@ -88,7 +89,8 @@ def main_export(bundle, output, *, mode: str = "baked", tasks: list[str] | None 
         batch: fixed batch size; None gives a dynamic batch axis.
         input_size: export at this input size instead of the bundle's (CNNs with global pooling).
         verify: compare every file with the PyTorch task model (see :func:`verify_export`).
-        data, samples, atol: what verification runs on and how close it must be.
+        data, samples, atol, rtol: what verification runs on and how close it must be
+            (|onnx - torch| <= atol + rtol * the sample's largest |logit|).
         force: replace an existing ``output``.
         nchwc_block: multitask only: put the graph's convolutions on onnxruntime's blocked x86 CPU kernels
             for this block size (16 on AVX512, 8 on AVX2; see :mod:`pbexport.export.nchwc`); the graph then
@@ -101,8 +103,7 @@ def main_export(bundle, output, *, mode: str = "baked", tasks: list[str] | None 
     out = Path(output)
     if (out.exists() or out.is_symlink()) and not force:
         raise PbexportError("output exists (use --force to replace it)", str(out))
-    if atol < 0:
-        raise PbexportError(f"--atol must not be negative, got {atol}")
+    _check_tolerance(atol, rtol)
     if nchwc_block is not None:
         from .nchwc import check_block
 
@@ -138,7 +139,7 @@ def main_export(bundle, output, *, mode: str = "baked", tasks: list[str] | None 
         files = _WRITERS[mode](base, task_data, target, **extra)
         report = None
         if verify:
-            report = verify_artifacts(bundle, find_artifacts(target, names), reference, atol)
+            report = verify_artifacts(bundle, find_artifacts(target, names), reference, atol, rtol)
             report = _relabel(report, target, out)
         _commit(tmp, out, single_file)
     except BaseException:
@@ -148,15 +149,20 @@ def main_export(bundle, output, *, mode: str = "baked", tasks: list[str] | None 
 
 
 def verify_export(bundle, path, *, tasks: list[str] | None = None, data: str | None = None,
-                  samples: int | None = None, atol: float = DEFAULT_ATOL) -> VerifyReport:
+                  samples: int | None = None, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> VerifyReport:
     """Check an exported file or directory (any mode) against the bundle's PyTorch task models."""
-    if atol < 0:
-        raise PbexportError(f"--atol must not be negative, got {atol}")
+    _check_tolerance(atol, rtol)
     bundle = _open_bundle(bundle)
     if tasks:
         _select(bundle, tasks)
     artifacts = find_artifacts(path, tasks)
-    return verify_artifacts(bundle, artifacts, Reference(bundle, data, samples), atol)
+    return verify_artifacts(bundle, artifacts, Reference(bundle, data, samples), atol, rtol)
+
+
+def _check_tolerance(atol: float, rtol: float) -> None:
+    for flag, value in (("--atol", atol), ("--rtol", rtol)):
+        if not value >= 0:  # NaN too
+            raise PbexportError(f"{flag} must be a number >= 0, got {value}")
 
 
 # --------------------------------------------------------------------------- writers
