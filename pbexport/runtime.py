@@ -744,8 +744,7 @@ class MultitaskEngine(Engine):
             sess = self._session(self.model_file)
             self._check_shape(sess, next(iter(self._specs)), self.model_file)
             self._sess = sess
-            self._overridable = {i.name for i in self._sess.get_overridable_initializers()} | {
-                i.name for i in self._sess.get_inputs()[1:]}
+            self._overridable = feed_names(sess) - {sess.get_inputs()[0].name}  # a task's tensors, not the image
             self._device = ("cuda", 0) if self._sess.get_providers()[0] == PROVIDERS["cuda"] else ("cpu", 0)
         return self._sess
 
